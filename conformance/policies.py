@@ -1,0 +1,41 @@
+"""NetworkPolicy manifests the default-deny check applies (the oracle and the cluster see the same dicts)."""
+from __future__ import annotations
+
+NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def default_deny(namespace: str) -> dict:
+    """Deny all ingress and egress for every pod of ``namespace``."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "default-deny", "namespace": namespace},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+
+
+def allow_dns(namespace: str, dns_namespace: str = "kube-system", dns_labels: dict | None = None) -> dict:
+    """Allow every pod of ``namespace`` to reach kube-dns on 53/UDP and 53/TCP."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "allow-dns", "namespace": namespace},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"namespaceSelector": {"matchLabels": {NAME_LABEL: dns_namespace}},
+                                         "podSelector": {"matchLabels": dns_labels or {"k8s-app": "kube-dns"}}}],
+                                 "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}}
+
+
+def allow_egress_to(namespace: str, name: str, from_labels: dict, to_namespace: str, to_labels: dict,
+                    port: int, proto: str = "TCP") -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {"matchLabels": dict(from_labels)}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"namespaceSelector": {"matchLabels": {NAME_LABEL: to_namespace}},
+                                         "podSelector": {"matchLabels": dict(to_labels)}}],
+                                 "ports": [{"protocol": proto, "port": port}]}]}}
+
+
+def allow_ingress_from(namespace: str, name: str, to_labels: dict, from_namespace: str, from_labels: dict,
+                       port: int, proto: str = "TCP") -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {"matchLabels": dict(to_labels)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {NAME_LABEL: from_namespace}},
+                                            "podSelector": {"matchLabels": dict(from_labels)}}],
+                                  "ports": [{"protocol": proto, "port": port}]}]}}
