@@ -38,9 +38,11 @@ OVERLAY_OVERHEAD_IPV4 = {"vxlan": 50, "geneve": 50}
 OVERLAY_OVERHEAD_IPV6 = {"vxlan": 70, "geneve": 70}
 
 # Kept in one place so the README, render and validation agree. Checked by the nightly KVM job.
+# Looked up 2026-11-26 (sources in docs/bootstrap.md): Kubernetes 1.37 is the newest minor (1.37.0 on 2026-08-26,
+# 1.38 not yet out); Cilium 1.20.0 shipped 2026-07-29, 1.20.4 is the newest patch; MetalLB 0.16.2 follows 0.16.1.
 KUBERNETES_VERSION = "1.37"
-CILIUM_VERSION = "1.19.1"
-METALLB_VERSION = "0.16.1"
+CILIUM_VERSION = "1.20.4"
+METALLB_VERSION = "0.16.2"
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IFNAME_MAX = 15  # IFNAMSIZ - 1

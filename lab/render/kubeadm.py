@@ -1,0 +1,93 @@
+"""kubeadm.yaml: InitConfiguration + ClusterConfiguration + KubeletConfiguration (pure functions of the Lab).
+
+Also the per-worker JoinConfiguration, built at join time from a short-lived token (never written by ``render``).
+kubeadm's own types (kubeadm.k8s.io/v1beta4, kubelet.config.k8s.io/v1beta1) are not in kubernetes-validate;
+``kubeadm config validate --config`` checks them on the node (see lab.phases.kubeadm).
+"""
+from __future__ import annotations
+
+import yaml
+
+from lab.spec import K8S_VERSION, Lab, NodeSpec
+
+KUBEADM_API = "kubeadm.k8s.io/v1beta4"
+KUBELET_API = "kubelet.config.k8s.io/v1beta1"
+CRI_SOCKET = "unix:///var/run/containerd/containerd.sock"
+API_PORT = 6443
+
+
+def control_plane(lab: Lab) -> NodeSpec:
+    return lab.control_planes[0]
+
+
+def api_endpoint(lab: Lab) -> str:
+    """host:port of the API server, as nodes and the host reach it (the control plane's pinned lab IP)."""
+    return f"{control_plane(lab).ip}:{API_PORT}"
+
+
+def kubernetes_version(lab: Lab) -> str | None:
+    """``v1.37.2`` when the spec pins a patch; None for a bare minor (kubeadm then uses its own version, which
+    the runtime phase pinned to that minor: no lookup of ``stable-1.37`` on the internet)."""
+    match = K8S_VERSION.match(lab.kubernetes.version)
+    return f"v{lab.kubernetes.version}" if match and match.group(2) else None
+
+
+def _node_registration(node: NodeSpec) -> dict:
+    return {"name": node.name, "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": str(node.ip)}]}
+
+
+def kubeadm_documents(lab: Lab) -> list[dict]:
+    cp = control_plane(lab)
+    init: dict = {
+        "apiVersion": KUBEADM_API,
+        "kind": "InitConfiguration",
+        "localAPIEndpoint": {"advertiseAddress": str(cp.ip), "bindPort": API_PORT},
+        "nodeRegistration": _node_registration(cp),
+    }
+    if lab.cilium.kube_proxy_replacement:
+        init["skipPhases"] = ["addon/kube-proxy"]  # Cilium replaces kube-proxy: never install it
+    cluster: dict = {
+        "apiVersion": KUBEADM_API,
+        "kind": "ClusterConfiguration",
+        "clusterName": lab.name,
+        "controlPlaneEndpoint": api_endpoint(lab),
+        "networking": {
+            "podSubnet": str(lab.kubernetes.pod_subnet),
+            "serviceSubnet": str(lab.kubernetes.service_subnet),
+            "dnsDomain": "cluster.local",
+        },
+        "apiServer": {"certSANs": [str(cp.ip), cp.name]},
+    }
+    version = kubernetes_version(lab)
+    if version:
+        cluster["kubernetesVersion"] = version
+    kubelet = {
+        "apiVersion": KUBELET_API,
+        "kind": "KubeletConfiguration",
+        "cgroupDriver": "systemd",  # matches containerd's SystemdCgroup = true (runtime phase)
+        "containerRuntimeEndpoint": CRI_SOCKET,
+    }
+    return [init, cluster, kubelet]
+
+
+def dump_documents(docs: list[dict], header: str = "") -> str:
+    return header + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
+
+
+def render_kubeadm(lab: Lab) -> str:
+    header = (f"# kubeadm configuration for lab {lab.name}, written by lab. Applied with:\n"
+              f"#   kubeadm init --config kubeadm.yaml   (on {control_plane(lab).name})\n")
+    return dump_documents(kubeadm_documents(lab), header)
+
+
+def join_configuration(lab: Lab, node: NodeSpec, token: str, ca_cert_hash: str) -> str:
+    """A worker's JoinConfiguration: node IP pinned like the control plane's; token from ``kubeadm token create``."""
+    doc = {
+        "apiVersion": KUBEADM_API,
+        "kind": "JoinConfiguration",
+        "discovery": {"bootstrapToken": {"apiServerEndpoint": api_endpoint(lab), "token": token,
+                                         "caCertHashes": [ca_cert_hash]}},
+        "nodeRegistration": _node_registration(node),
+    }
+    return dump_documents([doc])

@@ -1,0 +1,52 @@
+"""metallb.yaml: an IPAddressPool with the spec's addresses and an L2Advertisement naming it (pure functions)."""
+from __future__ import annotations
+
+import yaml
+
+from lab.spec import Lab, pool_ranges
+
+API = "metallb.io/v1beta1"
+NAMESPACE = "metallb-system"
+
+
+def native_manifest_url(version: str) -> str:
+    """MetalLB's own install manifest (L2 mode, no FRR), pinned to the release tag."""
+    tag = version if version.startswith("v") else f"v{version}"
+    return f"https://raw.githubusercontent.com/metallb/metallb/{tag}/config/manifests/metallb-native.yaml"
+
+
+def pool_name(lab: Lab) -> str:
+    return f"{lab.name}-pool"
+
+
+def l2_name(lab: Lab) -> str:
+    return f"{lab.name}-l2"
+
+
+def pool_addresses(lab: Lab) -> list[str]:
+    """Each entry as MetalLB reads it: CIDRs unchanged, ranges normalised to FIRST-LAST without spaces."""
+    out = []
+    for entry in lab.metallb.addresses:
+        if "/" in entry:
+            out.append(entry.strip())
+        else:
+            first, last = pool_ranges(entry)
+            out.append(f"{first}-{last}")
+    return out
+
+
+def metallb_documents(lab: Lab) -> list[dict]:
+    labels = {"app.kubernetes.io/managed-by": "lab", "lab.name": lab.name}
+    pool = {"apiVersion": API, "kind": "IPAddressPool",
+            "metadata": {"name": pool_name(lab), "namespace": NAMESPACE, "labels": labels},
+            "spec": {"addresses": pool_addresses(lab), "autoAssign": True}}
+    l2 = {"apiVersion": API, "kind": "L2Advertisement",
+          "metadata": {"name": l2_name(lab), "namespace": NAMESPACE, "labels": labels},
+          "spec": {"ipAddressPools": [pool_name(lab)]}}
+    return [pool, l2]
+
+
+def render_metallb(lab: Lab) -> str:
+    header = (f"# MetalLB {lab.metallb.version} L2 configuration for lab {lab.name}, written by lab.\n"
+              "# Without the L2Advertisement nothing is announced.\n")
+    return header + yaml.safe_dump_all(metallb_documents(lab), sort_keys=False, explicit_start=True)
