@@ -1,0 +1,82 @@
+# kvmlab: `make lab up && make conformance` runs the lab and the suite; `make test` sets up and runs our tests.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+LAB ?= labs/default.yaml
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Debian packages: what `lab up` needs on the hypervisor host, and what our tests need on top.
+APT_RUNTIME := libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv \
+               qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client
+APT_TEST := $(APT_RUNTIME) libxml2-utils cloud-init mmdebstrap e2fsprogs nftables conntrack iproute2 \
+            wrk tcpdump ethtool procps
+
+# `make lab WORDS...`: the words after `lab` are passed to the CLI, e.g. `make lab up`, `make lab ssh cp1`.
+ifeq (lab,$(firstword $(MAKECMDGOALS)))
+  LAB_ARGS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  ifneq ($(LAB_ARGS),)
+    $(eval $(LAB_ARGS):;@:)
+  endif
+endif
+
+.PHONY: help lab deps sysdeps sysdeps-test venv image libvirtd conformance test test-unit test-e2e bench nightly clean
+
+help:
+	@echo "make lab up|down|status|render|ssh NODE|logs  (LAB=$(LAB))"
+	@echo "make conformance   run the conformance suite against the lab's kubeconfig"
+	@echo "make test          install test dependencies, build the offline image, run every test"
+	@echo "make image         build the offline Debian test image into the cache"
+	@echo "make deps          system packages and the virtualenv"
+
+lab: deps libvirtd
+	@if [ -z "$(firstword $(LAB_ARGS))" ]; then echo "usage: make lab up|down|status|render|ssh NODE|logs"; exit 2; fi
+	$(VENV)/bin/lab $(firstword $(LAB_ARGS)) -c $(LAB) $(wordlist 2,$(words $(LAB_ARGS)),$(LAB_ARGS)) \
+	  $(if $(filter render,$(firstword $(LAB_ARGS))),-o $(or $(OUT),rendered/$(notdir $(basename $(LAB)))))
+
+deps: sysdeps venv
+
+# Installs only what is missing, so a rerun is quick.
+sysdeps:
+	@bash scripts/apt-ensure.sh $(APT_RUNTIME)
+
+sysdeps-test:
+	@bash scripts/apt-ensure.sh $(APT_TEST)
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# A libvirtd for `lab up` on this host: the system service where systemd runs, else the daemons directly.
+libvirtd:
+	@bash scripts/ensure-libvirtd.sh
+
+image: sysdeps-test
+	bash images/offline/build.sh
+
+conformance: venv
+	$(PY) -m pytest conformance --lab $(LAB) $(PYTEST_ARGS)
+
+# Everything our tests need, then every test: unit, libvirt test driver, real kernel netns, real VMs (TCG).
+test: sysdeps-test venv image
+	bash scripts/libvirtd-netns.sh start
+	bash scripts/run-tests.sh $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit tests/libvirt tests/conformance -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/provision.py
+	$(PY) bench/probes.py
+
+nightly: deps libvirtd
+	bash scripts/nightly.sh $(LAB)
+
+clean:
+	rm -rf $(VENV) rendered results .pytest_cache

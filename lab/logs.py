@@ -1,0 +1,77 @@
+"""``lab logs``: everything needed to debug a failed run, collected best-effort into one folder.
+
+Per node: serial console, domain XML, cloud-init logs, the boot journal, kubelet and containerd journals,
+dmesg. Plus the tool's own phase logs and state record. What could not be collected is listed in INDEX.txt.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.phases.nodes import console_log_path
+from lab.pipeline import Context
+
+NODE_COMMANDS = {
+    "cloud-init.log": "sudo -n cat /var/log/cloud-init.log",
+    "cloud-init-output.log": "sudo -n cat /var/log/cloud-init-output.log",
+    "cloud-init-status.txt": "cloud-init status --long",
+    "journal.txt": "sudo -n journalctl -b --no-pager -o short-precise",
+    "kubelet.txt": "sudo -n journalctl -b -u kubelet --no-pager",
+    "containerd.txt": "sudo -n journalctl -b -u containerd --no-pager",
+    "dmesg.txt": "sudo -n dmesg -T",
+    "sysctl.txt": "sudo -n sysctl -a",
+}
+
+
+def collect_logs(ctx: Context, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    index: list[str] = []
+    for log in sorted(ctx.state.logs.glob("*.log")) if ctx.state.logs.exists() else []:
+        shutil.copy2(log, out / log.name)
+        index.append(f"ok      {log.name}")
+    if ctx.state.exists():
+        shutil.copy2(ctx.state.file, out / "state.json")
+        index.append("ok      state.json")
+    for node in ctx.lab.nodes:
+        index += _collect_node(ctx, node.name, out / node.name)
+    (out / "INDEX.txt").write_text("\n".join(index) + "\n")
+    return out
+
+
+def _collect_node(ctx: Context, node: str, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    console = Path(console_log_path(ctx, node))
+    try:
+        shutil.copyfile(console, out / "serial-console.log")
+        index.append(f"ok      {node}/serial-console.log")
+    except OSError as exc:
+        index.append(f"missing {node}/serial-console.log: {exc.strerror or exc}")
+    try:
+        dom = ctx.hv.domain(ctx.lab.domain_name(node))
+        if dom is not None:
+            (out / "domain.xml").write_text(dom.XMLDesc(0))
+            index.append(f"ok      {node}/domain.xml")
+        running = dom is not None and ctx.hv.domain_state(ctx.lab.domain_name(node)) == "running"
+    except LabError as exc:
+        index.append(f"missing {node}/domain.xml: {exc.message}")
+        running = False
+    if not running or not ctx.state.get_in("nodes", node, {}).get("ip"):
+        index.append(f"missing {node}/(ssh logs): node not running or no address")
+        return index
+    try:
+        host = ctx.host(node)
+        host.wait_connect(15)
+    except LabError as exc:
+        index.append(f"missing {node}/(ssh logs): {exc.message.splitlines()[0]}")
+        return index
+    for name, command in NODE_COMMANDS.items():
+        try:
+            result = host.run("sh", "-c", command, check=False, timeout=120)
+        except LabError as exc:
+            index.append(f"missing {node}/{name}: {exc.message.splitlines()[0]}")
+            continue
+        (out / name).write_text(result.stdout + (f"\n--- stderr ---\n{result.stderr}" if result.stderr else ""))
+        index.append(f"{'ok' if result.ok else f'rc={result.rc}':<7} {node}/{name}")
+    return index

@@ -1,0 +1,46 @@
+"""Nodes: one domain per node, defined and started concurrently."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from lab.errors import LabError
+from lab.phases.storage import base_volumes, node_volumes
+from lab.pipeline import Context, Phase
+from lab.spec import NodeSpec
+from lab.virt.xml import domain_xml
+
+
+def console_log_path(ctx: Context, node: NodeSpec | str) -> str:
+    return f"/var/log/libvirt/qemu/{ctx.lab.domain_name(node)}-serial.log"
+
+
+class Nodes(Phase):
+    name = "nodes"
+
+    def done(self, ctx: Context) -> bool:
+        return all(ctx.hv.domain_state(ctx.lab.domain_name(n)) == "running" for n in ctx.lab.nodes)
+
+    def _xml(self, ctx: Context, node: NodeSpec) -> str:
+        pool = ctx.hv.pool(ctx.lab.pool_name)
+        if pool is None or ctx.image is None:
+            raise LabError("nodes need the storage and image phases first", hint="run `lab up`")
+        path = lambda name: ctx.hv.volume(pool, name).path()  # noqa: E731
+        base, own = base_volumes(ctx.image), node_volumes(node)
+        kernel = dict(kernel=path(base["kernel"]), initrd=path(base["initrd"]), cmdline=ctx.image.cmdline) \
+            if ctx.image.format == "kernel" else {}
+        return domain_xml(ctx.lab, node, virt_type=ctx.virt_type or "qemu", disk_path=path(own["disk"]),
+                          seed_path=path(own["seed"]), console_log=console_log_path(ctx, node), **kernel)
+
+    def _start(self, ctx: Context, node: NodeSpec) -> str:
+        name = ctx.lab.domain_name(node)
+        state = ctx.hv.domain_state(name)
+        if state == "running":
+            return f"{name} running"
+        dom = ctx.hv.domain(name) or ctx.hv.define_domain(self._xml(ctx, node))
+        ctx.hv.start(dom)
+        return f"{name} started ({ctx.virt_type}, {node.cpus} vCPU, {node.memory} MiB)"
+
+    def run(self, ctx: Context) -> None:
+        with ThreadPoolExecutor(max_workers=len(ctx.lab.nodes)) as pool:
+            for line in pool.map(lambda n: self._start(ctx, n), ctx.lab.nodes):
+                ctx.log.info(line)

@@ -1,0 +1,186 @@
+"""Phases, the Context they share, the UP and DOWN lists, and the runner.
+
+A phase is a small object with one verb: ``name``, ``skip_reason(ctx)`` (why it does not apply, or None),
+``done(ctx)`` ("already done?" so a rerun continues where it stopped) and ``run(ctx)``. Phases take all their
+inputs from the Context, never from module globals. The full ordered lists live here and nowhere else.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from rich.console import Console
+from rich.markup import escape
+
+from lab.errors import LabError, PhaseError
+from lab.spec import Lab
+from lab.state import LabState
+
+if TYPE_CHECKING:
+    from lab.images import ResolvedImage
+    from lab.remote.host import Host
+    from lab.virt.hypervisor import Hypervisor
+
+
+class Log:
+    """Progress for people (rich, on stderr) and a plain log file for ``lab logs``."""
+
+    def __init__(self, path: Path | None = None, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=True, highlight=False)
+        self.path = path
+        self.quiet = quiet
+
+    def _file(self, level: str, msg: str) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {level} {msg}\n")
+
+    def info(self, msg: str) -> None:
+        self._file("INFO", msg)
+        if not self.quiet:
+            self.console.print(f"  {msg}", markup=False)
+
+    def warn(self, msg: str) -> None:
+        self._file("WARN", msg)
+        self.console.print(f"[yellow]  ! {escape(msg)}[/yellow]")
+
+    def phase(self, symbol: str, name: str, detail: str = "") -> None:
+        self._file("PHASE", f"{symbol} {name} {detail}")
+        if not self.quiet:
+            self.console.print(f"{symbol} [bold]{name:<11}[/bold] {escape(detail)}")
+
+    def debug(self, msg: str) -> None:
+        self._file("DEBUG", msg)
+
+
+@dataclass
+class Context:
+    lab: Lab
+    state: LabState
+    log: Log
+    spec_path: Path | None = None
+    hosts: dict[str, "Host"] = field(default_factory=dict)
+    image: "ResolvedImage | None" = None
+    virt_type: str | None = None
+    _hv: "Hypervisor | None" = None
+
+    @property
+    def hv(self) -> "Hypervisor":
+        if self._hv is None:
+            from lab.virt.hypervisor import Hypervisor
+
+            self._hv = Hypervisor(self.lab.libvirt.uri)
+        return self._hv
+
+    def host(self, node: str) -> "Host":
+        """The node's SSH host, connected with the pinned key recorded by the wait phase."""
+        if node not in self.hosts:
+            from lab.remote.host import ParamikoHost
+
+            record = self.state.get_in("nodes", node)
+            if not record or not record.get("ip"):
+                raise LabError(f"node {node} has no recorded address", hint="run `lab up` first")
+            self.hosts[node] = ParamikoHost(node, record["ip"], self.lab.ssh.user, self.state.ssh_key,
+                                            record["host_key"], port=self.lab.ssh.port,
+                                            default_timeout=self.lab.timeouts.command)
+        return self.hosts[node]
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+        self.hosts.clear()
+        if self._hv is not None:
+            self._hv.close()
+            self._hv = None
+
+
+class Phase:
+    name = "phase"
+
+    def skip_reason(self, ctx: Context) -> str | None:
+        return None
+
+    def done(self, ctx: Context) -> bool:
+        return False
+
+    def run(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+def run_phases(ctx: Context, phases: Iterable[Phase], until: str | None = None) -> dict[str, dict]:
+    """Run phases in order; skip those that do not apply or are already done; stop after ``until``.
+
+    Records each phase's status and seconds in the state (``phases``) and returns that record.
+    A failure is re-raised as a LabError whose message names the phase.
+    """
+    record: dict[str, dict] = {}
+    started = time.monotonic()
+    for phase in phases:
+        reason = phase.skip_reason(ctx)
+        t0 = time.monotonic()
+        if reason:
+            ctx.log.phase("-", phase.name, f"skipped: {reason}")
+            record[phase.name] = {"status": "skipped", "seconds": 0.0, "reason": reason}
+        elif phase.done(ctx):
+            ctx.log.phase("=", phase.name, "already done")
+            record[phase.name] = {"status": "unchanged", "seconds": round(time.monotonic() - t0, 3)}
+        else:
+            try:
+                phase.run(ctx)
+            except LabError as exc:
+                _record(ctx, record, phase.name, "failed", t0)
+                ctx.log.phase("x", phase.name, f"failed after {time.monotonic() - t0:.1f}s")
+                exc.message = f"phase {phase.name}: {exc.message}"
+                raise
+            except KeyboardInterrupt:
+                _record(ctx, record, phase.name, "interrupted", t0)
+                ctx.log.phase("x", phase.name, "interrupted")
+                raise
+            except Exception as exc:  # an unexpected bug: keep the traceback in the log file
+                _record(ctx, record, phase.name, "failed", t0)
+                ctx.log.debug(traceback.format_exc())
+                ctx.log.phase("x", phase.name, f"failed after {time.monotonic() - t0:.1f}s")
+                raise PhaseError(f"phase {phase.name}: unexpected {type(exc).__name__}: {exc}",
+                                 hint=f"details in {ctx.log.path}") from exc
+            seconds = time.monotonic() - t0
+            ctx.log.phase("✓", phase.name, f"{seconds:.1f}s")
+            record[phase.name] = {"status": "done", "seconds": round(seconds, 3)}
+        _save_record(ctx, record)
+        if until and phase.name == until:
+            break
+    record["_total"] = {"status": "done", "seconds": round(time.monotonic() - started, 3)}
+    _save_record(ctx, record)
+    return record
+
+
+def _record(ctx: Context, record: dict, name: str, status: str, t0: float) -> None:
+    record[name] = {"status": status, "seconds": round(time.monotonic() - t0, 3)}
+    _save_record(ctx, record)
+
+
+def _save_record(ctx: Context, record: dict) -> None:
+    if ctx.state.exists():
+        ctx.state.update(phases=record)
+
+
+def up_phases() -> list[Phase]:
+    from lab.phases import (cilium, image, join, kubeadm, kubeconfig, metallb, network, nodes, preflight, ready,
+                            runtime, storage, tune, wait)
+
+    return [preflight.Preflight(), image.Image(), network.Network(), storage.Storage(), nodes.Nodes(),
+            wait.Wait(), tune.Tune(), runtime.Runtime(), kubeadm.Kubeadm(), join.Join(), cilium.Cilium(),
+            metallb.Metallb(), ready.Ready(), kubeconfig.Kubeconfig()]
+
+
+def down_phases() -> list[Phase]:
+    from lab.phases import down
+
+    return [down.Domains(), down.NetworkDown(), down.PoolDown(), down.StateDown()]
+
+
+def phase_names(phases: Iterable[Phase]) -> list[str]:
+    return [p.name for p in phases]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every test suite of the project. No test run (pytest exit 5) is a failure, not a pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p results
+.venv/bin/python -m pytest tests -p no:cacheprovider -ra --durations=15 \
+  --junitxml=results/tests-junit.xml "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: treating as a failure" >&2
+  exit 1
+fi
+exit "$rc"
