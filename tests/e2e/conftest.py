@@ -1,0 +1,53 @@
+"""Shared end-to-end fixtures: one real lab (labs/ci.yaml) booted once per session inside netns `labns`.
+
+`lab down` always runs at session end, whatever happened; test_down_leaves_nothing is moved to the very end.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from lab.spec import load_lab
+
+from labrun import NETNS, ROOT, SPEC, lab_cli, virsh  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def lab():
+    return load_lab(SPEC)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end tests need root (network namespaces, libvirtd); run `make test` as root")
+    check = subprocess.run(["bash", str(ROOT / "scripts/libvirtd-netns.sh"), "status"], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        pytest.fail(f"libvirtd is not running inside netns {NETNS}: {check.stdout}{check.stderr}\n"
+                    "start it with: bash scripts/libvirtd-netns.sh start")
+    return tmp_path_factory.mktemp("lab-state")
+
+
+@pytest.fixture(scope="session")
+def up(lab, state_dir):
+    """One `lab up` for the session; `lab down` always runs at the end."""
+    leftovers = [d for d in virsh("list", "--all", "--name").split() if d.startswith(f"{lab.name}-")]
+    assert not leftovers, f"domains of lab {lab.name} exist before the test: {leftovers}; run lab down first"
+    proc = lab_cli(state_dir, "up", "-c", str(SPEC))
+    try:
+        assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
+        yield proc
+    finally:
+        down = lab_cli(state_dir, "down", "-c", str(SPEC))
+        assert down.returncode == 0, down.stderr
+
+
+def pytest_collection_modifyitems(items):
+    """`lab down` is tested last, after every test that needs the running lab."""
+    last = [i for i in items if i.name == "test_down_leaves_nothing"]
+    for item in last:
+        items.remove(item)
+        items.append(item)
