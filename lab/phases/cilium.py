@@ -1,0 +1,79 @@
+"""cilium: ``helm upgrade --install`` of the pinned chart with the rendered values (checked by ``helm template``
+against the chart's own values.schema.json first), then wait for the agent DaemonSet and the operator."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from lab.errors import RemoteError
+from lab.phases.cluster import (ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out,
+                                deployment_rolled_out, fetch_kubeconfig, skip_without_kubernetes, wait_for)
+from lab.pipeline import Phase
+from lab.render.cilium import CHART, CHART_REPO, NAMESPACE, RELEASE, cilium_values, render_cilium_values
+
+if TYPE_CHECKING:
+    from lab.pipeline import Context
+
+VALUES_PATH = f"{LAB_DIR}/cilium-values.yaml"
+
+
+def helm_args(verb: str, version: str) -> list[str]:
+    return [f"KUBECONFIG={ADMIN_CONF}", "helm", verb, RELEASE, CHART, "--repo", CHART_REPO, "--version", version,
+            "--namespace", NAMESPACE, "--values", VALUES_PATH]
+
+
+def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api_client(kubeconfig))
+
+    def probe() -> tuple[bool, str]:
+        ds_ok, ds = daemonset_rolled_out(apps.read_namespaced_daemon_set("cilium", NAMESPACE, _request_timeout=10))
+        op_ok, op = deployment_rolled_out(apps.read_namespaced_deployment("cilium-operator", NAMESPACE,
+                                                                          _request_timeout=10))
+        return ds_ok and op_ok, f"{ds}; {op}"
+
+    wait_for("Cilium agent DaemonSet and operator rolled out", deadline_s, probe, interval=5, log=ctx.log.info,
+             hint="`lab ssh <control-plane> sudo kubectl -n kube-system get pods -o wide`; raise timeouts.rollout")
+
+
+class Cilium(Phase):
+    name = "cilium"
+
+    def skip_reason(self, ctx: "Context") -> str | None:
+        return skip_without_kubernetes(ctx)
+
+    def done(self, ctx: "Context") -> bool:
+        host = cp_host(ctx)
+        status = host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "list", "--namespace", NAMESPACE,
+                          "--filter", f"^{RELEASE}$", "--output", "json", check=False, sudo=True)
+        if not status.ok:
+            return False
+        releases = json.loads(status.stdout or "[]")
+        if not releases or releases[0].get("chart") != f"{CHART}-{ctx.lab.cilium.version}" \
+                or releases[0].get("status") != "deployed":
+            return False
+        values = host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "get", "values", RELEASE, "--namespace",
+                          NAMESPACE, "--output", "json", check=False, sudo=True)
+        if not values.ok or json.loads(values.stdout or "{}") != cilium_values(ctx.lab):
+            return False
+        try:
+            wait_rollout(ctx, fetch_kubeconfig(ctx), 1)
+        except Exception:  # noqa: BLE001 - installed but not rolled out: run() waits properly
+            return False
+        return True
+
+    def run(self, ctx: "Context") -> None:
+        lab = ctx.lab
+        host = cp_host(ctx)
+        host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
+        host.put(VALUES_PATH, render_cilium_values(lab), mode=0o600)
+        check = host.run("env", *helm_args("template", lab.cilium.version), check=False, sudo=True,
+                         timeout=lab.timeouts.command)
+        if not check.ok:
+            raise RemoteError(f"Cilium chart {lab.cilium.version} rejects the rendered values:\n{check.tail()}",
+                              hint="check cilium.values and cilium.version in the spec; `lab render` shows the values")
+        ctx.log.info(f"helm upgrade --install cilium {lab.cilium.version}")
+        host.run("env", *helm_args("upgrade", lab.cilium.version), "--install", sudo=True,
+                 timeout=lab.timeouts.command)
+        wait_rollout(ctx, fetch_kubeconfig(ctx), lab.timeouts.rollout)

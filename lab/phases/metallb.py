@@ -1,0 +1,95 @@
+"""metallb: the pinned native manifest, wait for controller, speakers and the webhook endpoint, then metallb.yaml
+(IPAddressPool + L2Advertisement), retrying the admission-webhook race until timeouts.webhook."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lab.phases.cluster import (LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
+                                fetch_kubeconfig, kubectl, matches_any, retry_command, skip_without_kubernetes,
+                                wait_for)
+from lab.pipeline import Phase
+from lab.render.metallb import (API, NAMESPACE, metallb_documents, native_manifest_url, pool_addresses, pool_name,
+                                l2_name, render_metallb)
+
+if TYPE_CHECKING:
+    from lab.pipeline import Context
+
+CONFIG_PATH = f"{LAB_DIR}/metallb.yaml"
+WEBHOOK_SERVICE = "metallb-webhook-service"
+
+#: Apply failures while the webhook is not serving yet (MetalLB's documented race): retried until the deadline.
+WEBHOOK_NOT_READY = (r"failed calling webhook", r"no endpoints available for service", r"connection refused",
+                     r"context deadline exceeded", r"x509: certificate signed by unknown authority",
+                     r"the server is currently unable", r"i/o timeout", r"webhook.*not ready")
+webhook_not_ready = matches_any(WEBHOOK_NOT_READY)
+
+
+def endpoint_slices_ready(slices) -> tuple[bool, str]:
+    """True when some EndpointSlice of the webhook Service has a ready endpoint (V1EndpointSlice items)."""
+    ready = [addr for s in slices for ep in (s.endpoints or [])
+             if ep.conditions is None or ep.conditions.ready is not False for addr in (ep.addresses or [])]
+    return bool(ready), f"webhook endpoints ready: {', '.join(ready) or 'none'}"
+
+
+def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
+    from kubernetes import client
+
+    api = api_client(kubeconfig)
+    apps, discovery = client.AppsV1Api(api), client.DiscoveryV1Api(api)
+
+    def probe() -> tuple[bool, str]:
+        c_ok, c = deployment_rolled_out(apps.read_namespaced_deployment("controller", NAMESPACE, _request_timeout=10))
+        s_ok, s = daemonset_rolled_out(apps.read_namespaced_daemon_set("speaker", NAMESPACE, _request_timeout=10))
+        slices = discovery.list_namespaced_endpoint_slice(
+            NAMESPACE, label_selector=f"kubernetes.io/service-name={WEBHOOK_SERVICE}", _request_timeout=10).items
+        w_ok, w = endpoint_slices_ready(slices)
+        return c_ok and s_ok and w_ok, f"{c}; {s}; {w}"
+
+    wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5, log=ctx.log.info,
+             hint="`lab ssh <control-plane> sudo kubectl -n metallb-system get pods -o wide`; raise timeouts.rollout")
+
+
+def pool_applied(kubeconfig: str, lab) -> bool:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client(kubeconfig))
+    group, version = API.split("/")
+    pool = custom.get_namespaced_custom_object(group, version, NAMESPACE, "ipaddresspools", pool_name(lab),
+                                               _request_timeout=10)
+    l2 = custom.get_namespaced_custom_object(group, version, NAMESPACE, "l2advertisements", l2_name(lab),
+                                             _request_timeout=10)
+    return (pool["spec"].get("addresses") == pool_addresses(lab)
+            and l2["spec"].get("ipAddressPools") == metallb_documents(lab)[1]["spec"]["ipAddressPools"])
+
+
+class Metallb(Phase):
+    name = "metallb"
+
+    def skip_reason(self, ctx: "Context") -> str | None:
+        return skip_without_kubernetes(ctx)
+
+    def done(self, ctx: "Context") -> bool:
+        try:
+            kubeconfig = fetch_kubeconfig(ctx)
+            wait_metallb(ctx, kubeconfig, 1)
+            return pool_applied(kubeconfig, ctx.lab)
+        except Exception:  # noqa: BLE001 - any gap means: run
+            return False
+
+    def run(self, ctx: "Context") -> None:
+        lab = ctx.lab
+        host = cp_host(ctx)
+        url = native_manifest_url(lab.metallb.version)
+        ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest")
+        kubectl(host, "apply", "-f", url, timeout=lab.timeouts.command)
+        kubeconfig = fetch_kubeconfig(ctx)
+        wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
+        host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
+        host.put(CONFIG_PATH, render_metallb(lab), mode=0o600)
+        retry_command(host, "kubectl", "--kubeconfig=/etc/kubernetes/admin.conf", "apply", "-f", CONFIG_PATH,
+                      sudo=True, what="applying metallb.yaml (IPAddressPool + L2Advertisement)",
+                      deadline_s=lab.timeouts.webhook, transient=webhook_not_ready, interval=3.0, log=ctx.log.info)
+        if not pool_applied(kubeconfig, lab):
+            from lab.errors import LabError
+
+            raise LabError("metallb.yaml applied but the pool read back differs", hint="`lab render` and compare")

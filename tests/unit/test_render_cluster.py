@@ -1,0 +1,240 @@
+"""Rendered cluster artifacts: kubeadm.yaml structure, Cilium values against the chart's JSON schema, MetalLB CRs
+against the openAPIV3Schema of MetalLB's CRDs, and every document through kubernetes-validate for the pinned
+Kubernetes version (which knows only built-in API types: kubeadm's, the kubelet's and MetalLB's are not in it)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from lab.render import render_cluster
+from lab.render.cilium import cilium_values, deep_merge, validate_cilium_values
+from lab.render.kubeadm import join_configuration, kubeadm_documents
+from lab.render.metallb import metallb_documents, native_manifest_url
+from lab.spec import KUBERNETES_VERSION, load_lab, parse_lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shared_dir() -> Path:
+    """../shared next to the repo (CI lays it there too); LAB_SHARED_DIR overrides. Missing = failure, not skip."""
+    path = Path(os.environ.get("LAB_SHARED_DIR", REPO.parent / "shared"))
+    assert (path / "schemas").is_dir(), f"shared schemas not found at {path}; set LAB_SHARED_DIR"
+    return path
+
+
+def default_lab():
+    return load_lab(REPO / "labs" / "default.yaml")
+
+
+def lab_with(**changes):
+    data = yaml.safe_load((REPO / "labs" / "default.yaml").read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return parse_lab(data)
+
+
+# ---------------------------------------------------------------------------------------------- render set
+
+
+def test_render_for_default_lab_writes_all_three(tmp_path):
+    files = render_cluster(default_lab())
+    assert sorted(files) == ["cilium-values.yaml", "kubeadm.yaml", "metallb.yaml"]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert list(yaml.safe_load_all((tmp_path / name).read_text())), name
+
+
+def test_render_is_empty_without_kubernetes():
+    assert render_cluster(load_lab(REPO / "labs" / "ci.yaml")) == {}
+
+
+def test_render_is_deterministic():
+    assert render_cluster(default_lab()) == render_cluster(default_lab())
+
+
+# ---------------------------------------------------------------------------------------------- kubeadm
+
+
+def test_kubeadm_documents_structure():
+    lab = default_lab()
+    init, cluster, kubelet = yaml.safe_load_all(render_cluster(lab)["kubeadm.yaml"])
+    cp = lab.control_planes[0]
+    assert [d["kind"] for d in (init, cluster, kubelet)] == ["InitConfiguration", "ClusterConfiguration",
+                                                             "KubeletConfiguration"]
+    assert init["apiVersion"] == cluster["apiVersion"] == "kubeadm.k8s.io/v1beta4"
+    assert kubelet["apiVersion"] == "kubelet.config.k8s.io/v1beta1"
+    assert init["localAPIEndpoint"] == {"advertiseAddress": str(cp.ip), "bindPort": 6443}
+    assert {"name": "node-ip", "value": str(cp.ip)} in init["nodeRegistration"]["kubeletExtraArgs"]
+    assert init["nodeRegistration"]["name"] == cp.name
+    assert init["skipPhases"] == ["addon/kube-proxy"]
+    assert cluster["networking"]["podSubnet"] == "10.244.0.0/16"
+    assert cluster["networking"]["serviceSubnet"] == "10.96.0.0/12"
+    assert cluster["controlPlaneEndpoint"] == f"{cp.ip}:6443"
+    assert "kubernetesVersion" not in cluster  # a bare minor: kubeadm uses its own (pinned) version
+    assert kubelet["cgroupDriver"] == "systemd"
+    assert ipaddress.IPv4Address(init["localAPIEndpoint"]["advertiseAddress"]) in lab.network.cidr
+
+
+def test_kube_proxy_installed_when_replacement_is_off():
+    init = kubeadm_documents(lab_with(cilium__kubeProxyReplacement=False))[0]
+    assert "skipPhases" not in init
+
+
+def test_patch_version_is_pinned_in_cluster_configuration():
+    cluster = kubeadm_documents(lab_with(kubernetes__version=f"{KUBERNETES_VERSION}.1"))[1]
+    assert cluster["kubernetesVersion"] == f"v{KUBERNETES_VERSION}.1"
+
+
+def test_join_configuration_pins_worker_ip_and_carries_token():
+    lab = default_lab()
+    worker = lab.workers[0]
+    doc = yaml.safe_load(join_configuration(lab, worker, "abcdef.0123456789abcdef", "sha256:" + "a" * 64))
+    assert doc["kind"] == "JoinConfiguration"
+    assert doc["discovery"]["bootstrapToken"]["apiServerEndpoint"] == f"{lab.control_planes[0].ip}:6443"
+    assert doc["discovery"]["bootstrapToken"]["token"] == "abcdef.0123456789abcdef"
+    assert {"name": "node-ip", "value": str(worker.ip)} in doc["nodeRegistration"]["kubeletExtraArgs"]
+
+
+# ---------------------------------------------------------------------------------------------- cilium
+
+
+def cilium_schema() -> Path:
+    return shared_dir() / "schemas" / "cilium" / "values.schema.json"
+
+
+def test_cilium_values_pass_the_chart_schema():
+    values = yaml.safe_load(render_cluster(default_lab())["cilium-values.yaml"])
+    assert validate_cilium_values(values, cilium_schema()) == []
+
+
+def test_cilium_schema_check_can_fail():
+    values = deep_merge(cilium_values(default_lab()), {"MTU": "1500", "ipam": {"mode": 3}})
+    problems = validate_cilium_values(values, cilium_schema())
+    assert any(p.startswith("MTU:") for p in problems) and any(p.startswith("ipam.mode:") for p in problems)
+
+
+def test_cilium_production_settings():
+    lab = default_lab()
+    v = yaml.safe_load(render_cluster(lab)["cilium-values.yaml"])
+    assert v["kubeProxyReplacement"] is True
+    assert v["k8sServiceHost"] == str(lab.control_planes[0].ip) and v["k8sServicePort"] == 6443
+    assert v["ipam"] == {"mode": "kubernetes"}
+    assert v["bpf"]["masquerade"] is True
+    assert v["hubble"]["relay"]["enabled"] is True and v["hubble"]["ui"]["enabled"] is True
+    assert v["routingMode"] == "tunnel" and v["tunnelProtocol"] == "vxlan"
+
+
+@pytest.mark.parametrize("proto", ["vxlan", "geneve"])
+def test_cilium_mtu_is_the_base_mtu_so_pods_get_network_minus_50(proto):
+    """Cilium's MTU value is the underlay MTU; the agent subtracts 50 itself (pkg/mtu). Pods then get 1450."""
+    lab = lab_with(cilium__tunnelProtocol=proto)
+    v = cilium_values(lab)
+    assert v["MTU"] == 1500 and lab.pod_mtu == 1450 and v["MTU"] - 50 == lab.pod_mtu
+
+
+def test_explicit_pod_mtu_renders_base_mtu():
+    lab = lab_with(cilium__mtu=1400)
+    assert cilium_values(lab)["MTU"] == 1450  # pod route MTU 1400 after Cilium's 50 bytes
+
+
+def test_user_values_merge_last_and_deep():
+    lab = lab_with(cilium__values={"hubble": {"ui": {"enabled": False}}, "kubeProxyReplacement": False,
+                                   "ipam": {"operator": {"clusterPoolIPv4PodCIDRList": ["10.0.0.0/8"]}}})
+    v = cilium_values(lab)
+    assert v["hubble"] == {"enabled": True, "relay": {"enabled": True}, "ui": {"enabled": False}}
+    assert v["kubeProxyReplacement"] is False
+    assert v["ipam"]["mode"] == "kubernetes" and v["ipam"]["operator"]["clusterPoolIPv4PodCIDRList"]
+
+
+def test_geneve_1460_is_refused_with_the_arithmetic():
+    from lab.errors import SpecError
+
+    with pytest.raises(SpecError) as err:
+        lab_with(cilium__tunnelProtocol="geneve", cilium__mtu=1460)
+    text = str(err.value)
+    assert "cilium.mtu" in text and "1450" in text and "TCP MSS" in text
+
+
+# ---------------------------------------------------------------------------------------------- metallb
+
+
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in sorted((shared_dir() / "schemas" / "metallb").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+def test_metallb_objects_pass_their_crd_schemas():
+    schemas = crd_schemas()
+    docs = list(yaml.safe_load_all(render_cluster(default_lab())["metallb.yaml"]))
+    assert [d["kind"] for d in docs] == ["IPAddressPool", "L2Advertisement"]
+    for doc in docs:
+        jsonschema.validate(doc, schemas[(doc["apiVersion"], doc["kind"])])
+
+
+def test_metallb_crd_check_can_fail():
+    pool = metallb_documents(default_lab())[0]
+    pool["spec"]["addresses"] = "192.168.150.200-192.168.150.220"  # a string, not a list
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(pool, crd_schemas()[(pool["apiVersion"], pool["kind"])])
+
+
+def test_l2_advertisement_names_the_pool():
+    pool, l2 = metallb_documents(default_lab())
+    assert l2["spec"]["ipAddressPools"] == [pool["metadata"]["name"]]
+    assert pool["metadata"]["namespace"] == l2["metadata"]["namespace"] == "metallb-system"
+    assert pool["spec"]["addresses"] == ["192.168.150.200-192.168.150.220"]
+
+
+def test_metallb_ranges_normalised_and_cidrs_kept():
+    lab = lab_with(metallb__addresses=["192.168.150.224/28", " 192.168.150.200 - 192.168.150.205 "])
+    assert metallb_documents(lab)[0]["spec"]["addresses"] == ["192.168.150.224/28",
+                                                              "192.168.150.200-192.168.150.205"]
+
+
+def test_native_manifest_is_pinned_to_the_release_tag():
+    assert native_manifest_url("0.16.2").endswith("/metallb/v0.16.2/config/manifests/metallb-native.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- kubernetes-validate
+
+
+NOT_IN_KUBERNETES_VALIDATE = {"InitConfiguration", "ClusterConfiguration", "KubeletConfiguration",
+                              "IPAddressPool", "L2Advertisement"}
+
+
+def test_every_rendered_document_through_kubernetes_validate():
+    """Built-in kinds are validated strictly for the pinned minor; the kinds kubernetes-validate has no schema
+    for must be exactly the known set (so a new built-in document cannot slip through unvalidated)."""
+    version = f"{KUBERNETES_VERSION}.0"
+    unknown = set()
+    for name, text in render_cluster(default_lab()).items():
+        if not name.endswith(".yaml") or name == "cilium-values.yaml":
+            continue  # Helm values are not a Kubernetes object
+        for doc in yaml.safe_load_all(text):
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                unknown.add(doc["kind"])
+    assert unknown == NOT_IN_KUBERNETES_VALIDATE
+
+
+def test_kubernetes_validate_has_the_pinned_minor():
+
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}, "bogus": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ns, f"{KUBERNETES_VERSION}.0", strict=True)
