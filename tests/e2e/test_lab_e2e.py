@@ -11,6 +11,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def test_up_boots_every_node_and_reports_phase_times(up, lab, state_dir):
     for name in ("kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig"):
         assert phases[name]["status"] == "skipped", phases
     print("e2e phase seconds:", {k: v["seconds"] for k, v in phases.items()})
+    record = ROOT / "results" / "e2e-phases.json"
+    record.parent.mkdir(exist_ok=True)
+    state = json.loads((state_dir / lab.name / "state.json").read_text())
+    record.write_text(json.dumps({"spec": str(SPEC.relative_to(ROOT)), "virt_type": state.get("virt_type"),
+                                  "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "phases": phases}, indent=2))
     running = virsh("list", "--name").split()
     assert sorted(d for d in running if d.startswith(f"{lab.name}-")) == sorted(lab.domain_name(n) for n in lab.nodes)
     virt_type = json.loads((state_dir / lab.name / "state.json").read_text())["virt_type"]
