@@ -1,0 +1,101 @@
+"""`load` held connections through a DNAT service, a connection-limit fault, and `facts` on real namespaces."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from topo import NETPROBE, VIP, Overlay, build, capture
+
+N = 3000
+
+
+def load_args(n, timeout="2", hold="3"):
+    return ["load", "--to", VIP + ":80", "--connections", str(n), "--hold", hold, "--timeout", timeout]
+
+
+def wait_for_count(lab, ns, at_least, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    facts = lab.probe(ns, "facts")
+    while facts["conntrack"]["count"] < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+        facts = lab.probe(ns, "facts")
+    return facts
+
+
+@pytest.fixture
+def service(lab):
+    topo = build(lab, Overlay(kind="vxlan", service=True))
+    lab.serve(topo.pod2, tcp="8080", hostname="pod2")
+    return topo
+
+
+def test_load_holds_every_connection_and_the_dnat_node_tracks_them(lab, service):
+    proc = lab.spawn(service.pod1, [sys.executable, str(NETPROBE)] + load_args(N))
+    node_facts = wait_for_count(lab, service.node1, N)
+    pod_facts = lab.probe(service.pod2, "facts")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    capture("load_healthy", result)
+    capture("facts_dnat_node_under_load", node_facts)
+    assert (result["requested"], result["established"], result["held"]) == (N, N, N)
+    assert result["failed"] == result["timeouts"] == result["resets"] == 0
+    assert result["open_rate_per_s"] > 0 and result["connect_ms_p50"] <= result["connect_ms_p99"]
+    assert node_facts["conntrack"]["count"] >= N  # the DNAT rule makes node1 track every flow
+    assert pod_facts["conntrack"]["count"] == 0  # no rule needs conntrack in pod2: it tracks nothing
+
+
+def test_load_reports_failures_when_new_flows_are_dropped_over_a_limit(lab, service):
+    limit = 500
+    lab.nft(service.node1, "table inet connlimit {\n chain forward { type filter hook forward priority 0; "
+                           "ct state new tcp dport 8080 ct count over %d drop; }\n}\n" % limit)
+    result = lab.probe(service.pod1, *load_args(1500, timeout="1", hold="1"))
+    capture("load_conn_limited", result)
+    assert 0 < result["established"] <= limit
+    assert result["failed"] == 1500 - result["established"] >= 1000
+    assert result["timeouts"] == result["failed"]
+    assert result["held"] == result["established"]
+
+
+@pytest.mark.parametrize("how", ["iptables", "nft"])
+def test_facts_sees_kube_services_rules(lab, how):
+    ns = lab.netns("node")
+    if how == "iptables":
+        assert shutil.which("iptables"), "iptables is needed to stand in for kube-proxy's iptables mode"
+        subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-N", "KUBE-SERVICES"], check=True)
+    else:
+        lab.nft(ns, "table ip kube-proxy {\n chain services { }\n}\n")
+    facts = lab.probe(ns, "facts")
+    assert facts["kube_services_rules"]["present"] is True
+
+
+def test_facts_sees_no_kube_services_rules_on_a_clean_node(lab):
+    facts = lab.probe(lab.netns("node"), "facts")
+    capture("facts_clean_netns", facts)
+    assert facts["kube_services_rules"]["present"] is False
+    assert facts["kube_proxy_running"] is False
+
+
+def test_facts_sees_a_running_kube_proxy(lab):
+    fake = lab.tmp / "kube-proxy"
+    shutil.copy("/bin/sleep", fake)
+    ns = lab.netns("node")
+    lab.spawn(ns, [str(fake), "30"])
+    time.sleep(0.2)
+    assert lab.probe(ns, "facts")["kube_proxy_running"] is True
+
+
+def test_facts_reads_sysctls_interfaces_and_conntrack_in_a_netns(lab):
+    ns = lab.netns("node")
+    lab.sysctl(ns, "net.core.somaxconn", 12345)
+    lab.ip(ns, "link", "add", "d0", "mtu", "1400", "type", "veth", "peer", "name", "d1")
+    facts = lab.probe(ns, "facts")
+    assert facts["sysctls"]["net.core.somaxconn"] == 12345
+    assert {"name": "d0", "mtu": 1400, "operstate": "down"} in facts["interfaces"]
+    assert facts["default_route"] is None
+    assert facts["conntrack"]["count"] == 0 and facts["conntrack"]["max"] > 0
+    assert set(facts["conntrack"]["stat"]) >= {"found", "invalid", "insert_failed", "drop", "early_drop"}
+    assert set(facts["ip_fragments"]) >= {"FragCreates", "FragFails", "ReasmReqds", "ReasmOKs"}
