@@ -1,0 +1,367 @@
+"""Bootstrap phases: order, skip logic, and the retry / deadline / error-surfacing helpers they are built on,
+driven with real subprocesses on LocalHost (scripted commands that fail N times, then succeed)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from lab.errors import LabError, RemoteError, WaitTimeout
+from lab.phases import cluster
+from lab.phases.cilium import Cilium
+from lab.phases.join import Join, api_not_ready, parse_join_command
+from lab.phases.kubeadm import Kubeadm, init_failure
+from lab.phases.kubeconfig import Kubeconfig
+from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
+from lab.phases.ready import Ready, kpr_mode
+from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
+                                fstab_without_swap, k8s_repo_line)
+from lab.pipeline import Context, Log, phase_names, run_phases, up_phases
+from lab.remote.host import CommandResult, LocalHost
+from lab.spec import load_lab, parse_lab
+from lab.state import LabState
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_PHASES = [Kubeadm, Join, Cilium, Metallb, Ready, Kubeconfig]
+
+
+def ctx_for(lab, tmp_path) -> Context:
+    return Context(lab=lab, state=LabState(lab.name, root=tmp_path / ".lab"), log=Log(quiet=True))
+
+
+def ci_lab():
+    return load_lab(REPO / "labs" / "ci.yaml")
+
+
+def default_lab():
+    return load_lab(REPO / "labs" / "default.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- order and skips
+
+
+def test_bootstrap_phases_follow_tune_in_order():
+    names = phase_names(up_phases())
+    tail = ["tune", "runtime", "kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig"]
+    assert names[names.index("tune"):] == tail
+
+
+def test_cluster_phases_skip_when_kubernetes_disabled(tmp_path):
+    ctx = ctx_for(ci_lab(), tmp_path)
+    for phase in CLUSTER_PHASES:
+        assert phase().skip_reason(ctx) == "kubernetes.enabled is false", phase.name
+    assert Runtime().skip_reason(ctx) is None  # the runtime is prepared even without Kubernetes
+
+
+def test_cluster_phases_apply_when_kubernetes_enabled(tmp_path):
+    ctx = ctx_for(default_lab(), tmp_path)
+    assert [p().skip_reason(ctx) for p in CLUSTER_PHASES] == [None] * len(CLUSTER_PHASES)
+
+
+def test_join_skips_a_lab_without_workers(tmp_path):
+    data = yaml.safe_load((REPO / "labs" / "default.yaml").read_text())
+    data["nodes"] = data["nodes"][:1]
+    assert Join().skip_reason(ctx_for(parse_lab(data), tmp_path)) == "no worker nodes"
+
+
+def test_run_phases_records_skips_without_touching_nodes(tmp_path):
+    ctx = ctx_for(ci_lab(), tmp_path)  # no hosts recorded: any node contact would raise
+    record = run_phases(ctx, [p() for p in CLUSTER_PHASES])
+    assert {name: r["status"] for name, r in record.items() if name != "_total"} == \
+        {p.name: "skipped" for p in CLUSTER_PHASES}
+
+
+# ---------------------------------------------------------------------------------------------- scripted commands
+
+
+def scripted_command(tmp_path: Path, failures: int, message: str, rc: int = 1) -> str:
+    """A script that fails ``failures`` times (printing ``message`` to stderr), then succeeds; counts calls."""
+    script = tmp_path / "scripted-command"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        n=$(cat {tmp_path}/calls 2>/dev/null || echo 0); n=$((n+1)); echo $n > {tmp_path}/calls
+        if [ $n -le {failures} ]; then echo "attempt $n" ; echo "{message}" >&2; exit {rc}; fi
+        echo "done after $n calls"
+        """))
+    script.chmod(0o755)
+    return str(script)
+
+
+def calls(tmp_path: Path) -> int:
+    return int((tmp_path / "calls").read_text())
+
+
+def test_retry_succeeds_after_transient_failures(tmp_path):
+    cmd = scripted_command(tmp_path, 3, "dial tcp 10.0.0.1:6443: connect: connection refused")
+    result = cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30,
+                                   transient=api_not_ready, interval=0.05)
+    assert result.ok and "done after 4 calls" in result.stdout and calls(tmp_path) == 4
+
+
+def test_retry_runs_cleanup_between_attempts(tmp_path):
+    cmd = scripted_command(tmp_path, 2, "could not find a JWS signature in the cluster-info ConfigMap")
+    cleanups = []
+    cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
+                          interval=0.05, before_retry=lambda: cleanups.append(1))
+    assert len(cleanups) == 2
+
+
+def test_real_error_is_not_retried_and_surfaces_its_lines(tmp_path):
+    cmd = scripted_command(tmp_path, 5, "[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: already exists")
+    with pytest.raises(RemoteError) as err:
+        cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
+                              interval=0.05)
+    assert calls(tmp_path) == 1
+    assert "FileAvailable--etc-kubernetes-kubelet.conf" in err.value.message
+    assert err.value.hint and "lab ssh" in err.value.hint
+
+
+def test_retry_gives_up_at_the_deadline_with_the_last_output(tmp_path):
+    cmd = scripted_command(tmp_path, 10_000, "Internal error occurred: failed calling webhook "
+                                             "\"ipaddresspoolvalidationwebhook.metallb.io\": connection refused")
+    start = time.monotonic()
+    with pytest.raises(WaitTimeout) as err:
+        cluster.retry_command(LocalHost(), cmd, what="applying scripted pool", deadline_s=1.5,
+                              transient=webhook_not_ready, interval=0.2)
+    elapsed = time.monotonic() - start
+    assert 1.0 <= elapsed < 5
+    assert "applying scripted pool" in err.value.message and "(deadline 2s)" in err.value.message
+    assert "failed calling webhook" in err.value.message and calls(tmp_path) >= 3
+
+
+def test_a_hung_attempt_is_bounded_by_the_deadline(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        cluster.retry_command(LocalHost(), "sleep 30", what="scripted hang", deadline_s=1.0,
+                              transient=lambda r: True, interval=0.1)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("text, transient", [
+    ('error execution phase preflight: couldn\'t validate the identity of the API Server: Get '
+     '"https://192.168.150.10:6443/api/v1/namespaces/kube-public/configmaps/cluster-info?timeout=10s": '
+     'dial tcp 192.168.150.10:6443: connect: connection refused', True),
+    ("could not find a JWS signature in the cluster-info ConfigMap for token ID \"abcdef\"", True),
+    ("net/http: TLS handshake timeout", True),
+    ("[ERROR Swap]: swap is supported for cgroup v2 only", False),
+    ("[ERROR FileContent--proc-sys-net-ipv4-ip_forward]: /proc/sys/net/ipv4/ip_forward contents are not set to 1",
+     False),
+])
+def test_join_transient_classification(text, transient):
+    assert api_not_ready(CommandResult("kubeadm join", 1, "", text)) is transient
+
+
+@pytest.mark.parametrize("text, transient", [
+    ('Error from server (InternalError): error when creating "metallb.yaml": Internal error occurred: failed '
+     'calling webhook "ipaddresspoolvalidationwebhook.metallb.io": failed to call webhook: Post '
+     '"https://metallb-webhook-service.metallb-system.svc:443/validate-metallb-io-v1beta1-ipaddresspool?'
+     'timeout=10s": dial tcp 10.101.0.3:443: connect: connection refused', True),
+    ('no endpoints available for service "metallb-webhook-service"', True),
+    ('The IPAddressPool "default-pool" is invalid: spec.addresses[0]: Invalid value', False),
+])
+def test_webhook_transient_classification(text, transient):
+    assert webhook_not_ready(CommandResult("kubectl apply", 1, "", text)) is transient
+
+
+def test_kubeadm_failure_shows_its_own_last_lines(tmp_path):
+    script = tmp_path / "scripted-init"
+    script.write_text("#!/bin/sh\nfor i in $(seq 1 40); do echo \"line $i\" >&2; done\n"
+                      "echo 'error execution phase wait-control-plane: could not initialize a Kubernetes cluster' >&2\n"
+                      "exit 1\n")
+    script.chmod(0o755)
+    result = LocalHost().run(str(script), check=False)
+    err = init_failure("cp1", result, tmp_path / "kubeadm-init.log")
+    assert "could not initialize a Kubernetes cluster" in err.message
+    assert "line 40" in err.message and "line 2\n" not in err.message
+    assert str(tmp_path / "kubeadm-init.log") in err.message and "lab logs" in err.hint
+
+
+def test_parse_join_command():
+    out = ("kubeadm join 192.168.150.10:6443 --token abcdef.0123456789abcdef \\\n"
+           "  --discovery-token-ca-cert-hash sha256:" + "b" * 64 + " \n")
+    assert parse_join_command(out) == ("abcdef.0123456789abcdef", "sha256:" + "b" * 64)
+    with pytest.raises(LabError):
+        parse_join_command("error: timed out waiting for the condition")
+
+
+# ---------------------------------------------------------------------------------------------- waits, threads
+
+
+def test_wait_for_returns_when_the_probe_passes():
+    seen = iter([(False, "0/3"), (False, "2/3"), (True, "3/3")])
+    assert cluster.wait_for("three of three", 5, lambda: next(seen), interval=0.01) == "3/3"
+
+
+def test_wait_for_times_out_with_what_and_last_detail():
+    def probe():
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(WaitTimeout) as err:
+        cluster.wait_for("Cilium agent DaemonSet rolled out", 0.3, probe, interval=0.05)
+    assert "Cilium agent DaemonSet rolled out" in err.value.message and "connection refused" in err.value.message
+
+
+def test_wait_for_does_not_swallow_lab_errors():
+    def probe():
+        raise RemoteError("node gone", hint="x")
+
+    with pytest.raises(RemoteError):
+        cluster.wait_for("x", 5, probe, interval=0.01)
+
+
+def test_run_on_nodes_is_concurrent_and_reports_every_failure():
+    start = time.monotonic()
+    cluster.run_on_nodes(["a", "b", "c"], lambda n: time.sleep(0.5))
+    assert time.monotonic() - start < 1.2
+
+    def work(name):
+        if name != "a":
+            raise RemoteError(f"{name} broke", hint="fix it")
+
+    with pytest.raises(RemoteError) as err:
+        cluster.run_on_nodes(["a", "b", "c"], work)
+    assert "2 of 3" in err.value.message and "b broke" in err.value.message and "c broke" in err.value.message
+
+
+# ---------------------------------------------------------------------------------------------- predicates
+
+
+def meta(name, generation=1):
+    return k8s.V1ObjectMeta(name=name, generation=generation)
+
+
+def test_daemonset_rollout_predicate():
+    spec = k8s.V1DaemonSetSpec(selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec())
+    ds = k8s.V1DaemonSet(metadata=meta("cilium", 2), spec=spec, status=k8s.V1DaemonSetStatus(
+        current_number_scheduled=3, desired_number_scheduled=3, number_misscheduled=0, number_ready=3,
+        number_available=3, updated_number_scheduled=3, observed_generation=2))
+    assert cluster.daemonset_rolled_out(ds)[0]
+    ds.status.updated_number_scheduled = 2
+    ok, detail = cluster.daemonset_rolled_out(ds)
+    assert not ok and "3/3 available, 2 updated" in detail
+    ds.status.updated_number_scheduled, ds.status.observed_generation = 3, 1
+    assert not cluster.daemonset_rolled_out(ds)[0]
+
+
+def test_deployment_rollout_predicate():
+    dep = k8s.V1Deployment(metadata=meta("cilium-operator"), spec=k8s.V1DeploymentSpec(
+        replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
+        status=k8s.V1DeploymentStatus(replicas=2, updated_replicas=2, available_replicas=1, observed_generation=1))
+    assert not cluster.deployment_rolled_out(dep)[0]
+    dep.status.available_replicas = 2
+    assert cluster.deployment_rolled_out(dep)[0]
+
+
+def test_node_and_pod_readiness():
+    node = k8s.V1Node(metadata=meta("w1"), status=k8s.V1NodeStatus(conditions=[
+        k8s.V1NodeCondition(type="Ready", status="False")]))
+    assert cluster.not_ready([node], cluster.node_ready) == ["w1"]
+    done = k8s.V1Pod(metadata=meta("job"), status=k8s.V1PodStatus(phase="Succeeded"))
+    running = k8s.V1Pod(metadata=meta("coredns"), status=k8s.V1PodStatus(phase="Running", conditions=[
+        k8s.V1PodCondition(type="Ready", status="True")]))
+    assert cluster.not_ready([done, running], cluster.pod_ready) == []
+
+
+def test_webhook_endpoint_readiness():
+    def slice_(ready):
+        return k8s.V1EndpointSlice(address_type="IPv4", endpoints=[k8s.V1Endpoint(
+            addresses=["10.244.1.5"], conditions=k8s.V1EndpointConditions(ready=ready))])
+
+    assert endpoint_slices_ready([slice_(False)])[0] is False
+    assert endpoint_slices_ready([])[0] is False
+    assert endpoint_slices_ready([slice_(False), slice_(True)]) == (True, "webhook endpoints ready: 10.244.1.5")
+
+
+def test_kpr_mode_from_cilium_status():
+    assert kpr_mode('{"kube-proxy-replacement": {"mode": "True", "devices": []}}') == "True"
+    assert kpr_mode('{"kube-proxy-replacement": {"mode": "False"}}') == "False"
+    assert kpr_mode("not json") is None
+
+
+# ---------------------------------------------------------------------------------------------- kubeconfig, status
+
+
+ADMIN_CONF = """\
+apiVersion: v1
+kind: Config
+clusters:
+- cluster: {certificate-authority-data: Q0E=, server: 'https://192.168.150.10:6443'}
+  name: default
+contexts:
+- context: {cluster: default, user: kubernetes-admin}
+  name: kubernetes-admin@default
+current-context: kubernetes-admin@default
+users:
+- name: kubernetes-admin
+  user: {client-certificate-data: Q0VSVA==, client-key-data: S0VZ}
+"""
+
+
+def test_rewrite_server_keeps_credentials():
+    out = yaml.safe_load(cluster.rewrite_server(ADMIN_CONF.replace("192.168.150.10", "cp1.internal"),
+                                                "https://192.168.150.10:6443"))
+    assert out["clusters"][0]["cluster"]["server"] == "https://192.168.150.10:6443"
+    assert out["users"][0]["user"]["client-key-data"] == "S0VZ"
+    cluster.api_client(yaml.safe_dump(out))  # the kubernetes client accepts it
+    with pytest.raises(LabError):
+        cluster.rewrite_server("apiVersion: v1\nkind: Config\n", "https://x:6443")
+
+
+def test_cluster_status_without_kubernetes_or_kubeconfig(tmp_path):
+    assert cluster.cluster_status(ctx_for(ci_lab(), tmp_path)) == {"cluster": "none",
+                                                                   "reason": "kubernetes.enabled is false"}
+    status = cluster.cluster_status(ctx_for(default_lab(), tmp_path))
+    assert status["cluster"] == "absent" and "lab up" in status["hint"]
+
+
+def test_cluster_status_reports_an_unreachable_api(tmp_path):
+    ctx = ctx_for(default_lab(), tmp_path)
+    ctx.state.kubeconfig.parent.mkdir(parents=True)
+    ctx.state.kubeconfig.write_text(ADMIN_CONF.replace("192.168.150.10:6443", "127.0.0.1:9"))
+    assert cluster.cluster_status(ctx)["cluster"] == "unreachable"
+
+
+# ---------------------------------------------------------------------------------------------- runtime pieces
+
+
+def containerd_default() -> str:
+    exe = shutil.which("containerd")
+    assert exe, "containerd is needed for this test (apt-get install containerd): it checks our edit against " \
+                "the real default config of Debian's containerd, the one on the e2e image"
+    return subprocess.run([exe, "config", "default"], capture_output=True, text=True, check=True).stdout
+
+
+def test_containerd_edit_reads_back_through_containerd(tmp_path):
+    edited = edit_containerd_config(containerd_default())
+    config = tmp_path / "config.toml"
+    config.write_text(edited)
+    dump = subprocess.run(["containerd", "--config", str(config), "config", "dump"], capture_output=True,
+                          text=True, check=True).stdout
+    assert containerd_settings(dump) == {"SystemdCgroup": True, "sandbox_image": SANDBOX_IMAGE}
+    assert containerd_settings(containerd_default())["SystemdCgroup"] is False  # the edit did something
+
+
+def test_containerd_edit_handles_the_v3_layout_and_refuses_unknown_ones():
+    # containerd 2.x (config version 3) spells the sandbox image differently; lines as that layout writes them
+    v3 = ("version = 3\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = 'registry.k8s.io/pause:3.10'\n"
+          "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\n  SystemdCgroup = false\n")
+    assert containerd_settings(edit_containerd_config(v3)) == {"SystemdCgroup": True, "sandbox_image": SANDBOX_IMAGE}
+    with pytest.raises(ValueError):
+        edit_containerd_config("version = 2\n")
+
+
+def test_fstab_swap_entries_commented_once():
+    fstab = "UUID=1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n# /old none swap sw 0 0\n"
+    fixed = fstab_without_swap(fstab)
+    assert "\n/swapfile" not in fixed and "UUID=1 / ext4" in fixed and fstab_without_swap(fixed) == fixed
+
+
+def test_kubernetes_repo_is_the_specs_minor():
+    assert k8s_repo_line(default_lab()).startswith(
+        "deb [signed-by=/etc/apt/keyrings/kubernetes-apt-keyring.gpg] https://pkgs.k8s.io/core:/stable:/v1.37/deb/")
