@@ -507,6 +507,7 @@ class MtuSearch:
         self.timeout = timeout
         self.probes = 0
         self.icmp_seen = False
+        self.udp_error = None
         self.lost = []
 
     def kernel_mtu(self) -> int:
@@ -540,6 +541,9 @@ class MtuSearch:
                 if exc.errno == errno.EMSGSIZE:
                     self.icmp_seen = True
                     return self.kernel_mtu()
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    self.udp_error = errno_name(exc.errno)  # ICMP unreachable: nobody echoes here
+                    return "lost"
                 raise
             if data[:len(token)] == token and len(data) == size:
                 return "echo"
@@ -638,6 +642,7 @@ def cmd_mtu(args) -> dict:
     return {"to": "%s:%d" % (host, port), "largest_udp_payload": largest,
             "path_mtu": largest + search.overhead if largest is not None else None,
             "probes": search.probes, "local_route_mtu": start_mtu, "icmp_seen": search.icmp_seen,
+            "udp_error": search.udp_error,
             "silent_loss": silent, "tcp_bulk": bulk, "seconds": round(time.monotonic() - started, 3),
             "verdict": mtu_verdict(largest, silent, bulk)}
 
