@@ -90,7 +90,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(node["name"], node["role"], node["domain"], node["ip"] or "-", node["ssh"])
     Console().print(table)
     cluster = status.get("cluster") or {}
-    Console().print(f"cluster: {cluster.get('summary', 'unknown')}")
+    detail = cluster.get("reason") or ", ".join(f"{k} {v}" for k, v in (cluster.get("nodes") or {}).items())
+    Console().print(f"cluster: {cluster.get('cluster', 'unknown')}" + (f" ({detail})" if detail else ""),
+                    markup=False)
     return 0
 
 

@@ -43,10 +43,6 @@ def lab_status(ctx: Context) -> dict[str, Any]:
 
 
 def cluster_summary(ctx: Context) -> dict[str, Any]:
-    if not ctx.lab.kubernetes.enabled:
-        return {"summary": "not bootstrapped (kubernetes.enabled: false)"}
-    if not ctx.state.kubeconfig.exists():
-        return {"summary": "no cluster yet (no kubeconfig)"}
-    from lab.phases.ready import cluster_status
+    from lab.phases.cluster import cluster_status
 
     return cluster_status(ctx)
