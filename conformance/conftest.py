@@ -1,0 +1,341 @@
+"""The conformance harness: options, one preflight before any check, fixtures, cleanup, the run report.
+
+Run ``pytest conformance --lab labs/default.yaml`` (kubeconfig from the lab) or ``pytest conformance --kubeconfig F``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conformance import kube as k8s
+from conformance import report
+
+PREFLIGHT_EXIT = 3  # distinct from pytest's own codes 1 (failures) and 2 (interrupted)
+
+
+@dataclass
+class Settings:
+    kubeconfig: str | None
+    lab: object | None
+    probe_image: str
+    expect_sysctls: dict[str, str]
+    underlay_mtu: int | None
+    tunnel: str
+    lb_pool: list[str]
+    conntrack_connections: int | None
+    conntrack_hold: float
+    wait_seconds: float
+    policy_seconds: float
+    runner_ip: str | None
+    results_dir: Path
+    extra: dict = field(default_factory=dict)
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("conformance", "network conformance suite")
+    g.addoption("--kubeconfig", help="kubeconfig of the cluster (default: the lab's .lab/<name>/kubeconfig, "
+                                     "then $KUBECONFIG, then ~/.kube/config)")
+    g.addoption("--lab", help="lab spec (e.g. labs/default.yaml): expected tuning, pool, MTU, overlay, runner IP")
+    g.addoption("--probe-image", default=k8s.PROBE_IMAGE, help=f"image with python3 (default {k8s.PROBE_IMAGE})")
+    g.addoption("--expect-sysctl", action="append", default=[], metavar="NAME=VALUE",
+                help="expected node sysctl (repeatable; overrides the lab's / the production set)")
+    g.addoption("--expect-mtu", type=int, help="expected underlay (node) MTU, without --lab (default: measured)")
+    g.addoption("--tunnel", choices=["vxlan", "geneve"], help="overlay protocol, without --lab (default vxlan)")
+    g.addoption("--lb-pool", action="append", default=[], metavar="CIDR|FIRST-LAST",
+                help="MetalLB pool addresses, without --lab (repeatable)")
+    g.addoption("--runner-ip", help="this host's address as seen from pods (default: the lab's gateway)")
+    g.addoption("--conntrack-connections", type=int, help="connections for the conntrack check "
+                                                          "(default: sized to the lab and nf_conntrack_max)")
+    g.addoption("--conntrack-hold", type=float, default=10.0, help="seconds to hold them (default 10)")
+    g.addoption("--wait-timeout", type=float, default=300.0, help="deadline for workloads to be ready (s)")
+    g.addoption("--policy-timeout", type=float, default=60.0, help="deadline for policy tables to converge (s)")
+    g.addoption("--results-dir", default="results", help="where the JSON report goes (default results/)")
+    g.addoption("--cleanup-only", action="store_true", help="delete every namespace labelled "
+                                                            f"{k8s.OWNER_LABEL}=true, then exit")
+
+
+def _settings(config) -> Settings:
+    opt = config.getoption
+    lab = None
+    if opt("--lab"):
+        from lab.spec import load_lab
+        from lab.errors import LabError
+        try:
+            lab = load_lab(opt("--lab"))
+        except LabError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    kubeconfig = opt("--kubeconfig")
+    if not kubeconfig and lab is not None:
+        kubeconfig = str(Path(".lab") / lab.name / "kubeconfig")
+    if not kubeconfig:
+        kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+    if not kubeconfig and (Path.home() / ".kube" / "config").is_file():
+        kubeconfig = str(Path.home() / ".kube" / "config")
+    if lab is not None:
+        sysctls = dict(lab.tuning.sysctls)
+    else:
+        from lab.spec import PRODUCTION_SYSCTLS
+        sysctls = dict(PRODUCTION_SYSCTLS)
+    for item in opt("--expect-sysctl"):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise pytest.UsageError(f"--expect-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=32768")
+        sysctls[name.strip()] = value.strip()
+    return Settings(
+        kubeconfig=kubeconfig, lab=lab, probe_image=opt("--probe-image"), expect_sysctls=sysctls,
+        underlay_mtu=opt("--expect-mtu") or (lab.network.mtu if lab else None),
+        tunnel=opt("--tunnel") or (lab.cilium.tunnel_protocol if lab else "vxlan"),
+        lb_pool=list(opt("--lb-pool")) or (list(lab.metallb.addresses) if lab else []),
+        conntrack_connections=opt("--conntrack-connections"), conntrack_hold=opt("--conntrack-hold"),
+        wait_seconds=opt("--wait-timeout"), policy_seconds=opt("--policy-timeout"),
+        runner_ip=opt("--runner-ip") or (str(lab.gateway) if lab else None),
+        results_dir=Path(opt("--results-dir")))
+
+
+SETTINGS = pytest.StashKey[Settings]()
+RESULTS = pytest.StashKey[list]()
+STARTED = pytest.StashKey[float]()
+
+
+def pytest_configure(config):
+    config.stash[SETTINGS] = _settings(config)
+    config.stash[RESULTS] = []
+    config.stash[STARTED] = time.time()
+    _CONFIG["config"] = config
+    config.addinivalue_line("markers", "disruptive: changes cluster state other checks may see (node taints)")
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Before any check: one clear error for an unusable cluster (not a page of failures), or the sweep."""
+    config = session.config
+    if config.option.collectonly or _is_worker(config):
+        return
+    settings = config.stash[SETTINGS]
+    try:
+        kube = k8s.connect(settings.kubeconfig)
+        if config.getoption("--cleanup-only"):
+            names = k8s.sweep(kube)
+            sys.stdout.write(f"\ncleanup-only: deleted {len(names)} namespace(s) labelled "
+                             f"{k8s.OWNER_LABEL}=true{': ' + ', '.join(names) if names else ''}\n")
+            pytest.exit("cleanup done", returncode=0)
+        where = k8s.preflight(kube)
+    except k8s.PreflightError as exc:
+        sys.stderr.write(f"\nERROR: conformance preflight failed, no check was run:\n  {exc}\n\n")
+        pytest.exit("conformance preflight failed", returncode=PREFLIGHT_EXIT)
+    sys.stdout.write(f"\ncluster: {kube.api.configuration.host} {where}; kubeconfig {settings.kubeconfig}\n")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if config.option.collectonly or _is_worker(config):
+        return
+    results = config.stash[RESULTS]
+    if not results:
+        return
+    doc = report.build(results, started=config.stash[STARTED], settings=config.stash[SETTINGS],
+                       exitstatus=int(exitstatus))
+    path = report.write(doc, config.stash[SETTINGS].results_dir)
+    config._conformance_report = (doc, path)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    found = getattr(config, "_conformance_report", None)
+    if found:
+        doc, path = found
+        terminalreporter.write_sep("=", "conformance summary")
+        terminalreporter.write_line(report.summary_table(doc))
+        terminalreporter.write_line(f"report: {path}")
+
+
+def pytest_runtest_logreport(report):
+    """On the controller (xdist forwards workers' reports here): one report entry per check outcome."""
+    config = _CONFIG.get("config")
+    if config is None or _is_worker(config):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        config.stash[RESULTS].append(report_entry(report))
+    elif report.when == "teardown" and report.outcome == "failed":
+        config.stash[RESULTS].append(report_entry(report))
+
+
+def report_entry(rep) -> dict:
+    props = dict(rep.user_properties)
+    measured = {k[len("measured:"):]: v for k, v in props.items() if k.startswith("measured:")}
+    message = ""
+    if rep.outcome != "passed" and rep.longrepr is not None:
+        crash = getattr(rep.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(rep.longrepr)
+    verdict = {"passed": "pass", "failed": "fail", "skipped": "skip"}[rep.outcome]
+    if rep.when != "call" and rep.outcome == "failed":
+        verdict = "error"
+    return {"id": rep.nodeid, "check": rep.nodeid.split("::")[-1], "verdict": verdict, "phase": rep.when,
+            "seconds": round(rep.duration, 3), "measured": measured, "warnings": props.get("warnings", []),
+            "message": message[:2000]}
+
+
+_CONFIG: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sigterm_is_an_interrupt():
+    """SIGTERM (CI cancelling the job) takes the same path as Ctrl-C: finalizers delete what we created."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def settings(pytestconfig) -> Settings:
+    return pytestconfig.stash[SETTINGS]
+
+
+@pytest.fixture(scope="session")
+def kube(settings) -> k8s.Kube:
+    return k8s.connect(settings.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def cluster(kube, settings):
+    """The run's Session: creates namespaces labelled as ours and deletes them at the end, whatever happened."""
+    session = k8s.Session(kube, k8s.StreamExecutor(kube), probe_image=settings.probe_image,
+                          wait_seconds=settings.wait_seconds)
+    yield session
+    problems = session.cleanup()
+    if problems:
+        sys.stderr.write("cleanup problems (run `pytest conformance --cleanup-only`):\n  "
+                         + "\n  ".join(problems) + "\n")
+
+
+@pytest.fixture
+def measure(record_property):
+    """measure(name, value): a measured value for the JSON report (failover seconds, path MTU, ...)."""
+    def _measure(name: str, value):
+        record_property(f"measured:{name}", value)
+    return _measure
+
+
+@pytest.fixture
+def warn(record_property, request):
+    """warn(text): a non-fatal finding, shown in the summary and the report."""
+    found: list[str] = []
+    record_property("warnings", found)
+
+    def _warn(text: str):
+        found.append(text)
+        request.node.warn(pytest.PytestWarning(text))
+    return _warn
+
+
+@dataclass
+class NodeFacts:
+    """The privileged hostNetwork DaemonSet running netprobe: one pod per node, facts and host commands."""
+
+    cluster: k8s.Session
+    namespace: str
+    pods: dict[str, str]  # node -> pod
+
+    def facts(self, timeout: float = 60.0) -> dict[str, dict]:
+        return {node: self.cluster.netprobe(self.namespace, pod, ["facts"], timeout)
+                for node, pod in sorted(self.pods.items())}
+
+    def host(self, node: str, script: str, timeout: float = 60.0) -> k8s.ExecResult:
+        """Run a shell script in the node's root filesystem (chroot /host): the node's own tools."""
+        return self.cluster.exec(self.namespace, self.pods[node], ["chroot", "/host", "sh", "-c", script], timeout)
+
+    def sysctl(self, node: str, names: list[str], timeout: float = 60.0) -> dict[str, str | None]:
+        """Read sysctls from /proc/sys inside the node's network namespace (the pod is hostNetwork)."""
+        script = "; ".join(f"printf '%s\\t%s\\n' {n} \"$(cat /proc/sys/{n.replace('.', '/')} 2>/dev/null)\""
+                           for n in names)
+        res = self.cluster.exec(self.namespace, self.pods[node], ["sh", "-c", script], timeout)
+        if res.rc != 0:
+            raise k8s.ProbeFailed(f"reading sysctls on {node} failed (exit {res.rc}): {res.stderr[:200]}")
+        out: dict[str, str | None] = {n: None for n in names}
+        for line in res.stdout.splitlines():
+            name, _, value = line.partition("\t")
+            if name in out:
+                out[name] = " ".join(value.split()) or None
+        return out
+
+
+@pytest.fixture(scope="session")
+def node_facts(cluster, kube) -> NodeFacts:
+    nodes = sorted(k8s.node_addresses(kube))
+    ns = cluster.namespace("facts", {"pod-security.kubernetes.io/enforce": "privileged"})
+    cluster.facts_daemonset(ns)
+    pods = cluster.wait_pods_ready(ns, "app=netprobe-facts", len(nodes), "of the netprobe-facts DaemonSet")
+    by_node = {p.spec.node_name: p.metadata.name for p in pods}
+    missing = sorted(set(nodes) - set(by_node))
+    if missing:
+        pytest.fail(f"no netprobe-facts pod on node(s) {', '.join(missing)} (taints or node selectors?)")
+    return NodeFacts(cluster, ns, by_node)
+
+
+@dataclass
+class RunnerTargets:
+    """netprobe serve processes on the runner host: targets outside the cluster."""
+
+    ip: str
+    ports: dict[str, int]
+    procs: list
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout: float = 10.0) -> RunnerTargets:
+    """Start one ``netprobe serve`` per target on this host, bound to ``ip``; wait for each ready file."""
+    import tempfile
+    procs, tmp = [], Path(tempfile.mkdtemp(prefix="cf-serve-"))
+    running = RunnerTargets(ip, dict(targets), procs)
+    try:
+        for name, port in targets.items():
+            ready = tmp / f"{name}.ready"
+            cmd = [sys.executable, str(k8s.NETPROBE_SOURCE), "serve", "--bind", ip, "--tcp", str(port),
+                   "--ready-file", str(ready), "--workers", "1"] + (["--udp", str(port)] if udp else [])
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+
+            def check(ready=ready, proc=procs[-1]):
+                if proc.poll() is not None:
+                    raise k8s.ConformanceError(f"netprobe serve on {ip}:{port} exited: "
+                                               f"{proc.stderr.read().decode()[:300]}",
+                                               "is --runner-ip an address of this host?")
+                return ready.exists(), None, "not listening yet"
+            k8s.wait_until(f"netprobe serve on the runner at {ip}:{port} ({name})", timeout, check, 0.1)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+@pytest.fixture(scope="session")
+def runner_ip(settings) -> str:
+    if not settings.runner_ip:
+        pytest.skip("needs the runner's address as seen from pods: pass --lab SPEC or --runner-ip ADDR")
+    return settings.runner_ip

@@ -1,0 +1,374 @@
+"""Kubernetes orchestration for the conformance suite: connect, preflight, workloads, waits, exec, cleanup.
+
+Everything the suite creates lives in namespaces labelled ``kvmlab.io/conformance=true`` (and the run id), so
+cleanup deletes namespaces, and ``--cleanup-only`` sweeps every namespace carrying the label.
+Probe execution goes through one seam, :class:`Executor`; production uses the kubernetes client's websocket
+``stream`` exec (:class:`StreamExecutor`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.stream import stream
+
+log = logging.getLogger("conformance")
+
+OWNER_LABEL = "kvmlab.io/conformance"
+RUN_LABEL = "kvmlab.io/conformance-run"
+PROBE_IMAGE = "python:3.12-slim"
+NETPROBE_DIR = "/netprobe"
+NETPROBE = f"{NETPROBE_DIR}/netprobe.py"
+NETPROBE_SOURCE = Path(__file__).parent / "probes" / "netprobe.py"
+FATAL_WAIT_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                      "CreateContainerError", "CrashLoopBackOff"}
+
+#: What the suite needs to do, as (verb, group, resource, subresource); checked before any check starts.
+REQUIRED_ACCESS = [
+    ("create", "", "namespaces", ""), ("delete", "", "namespaces", ""), ("list", "", "nodes", ""),
+    ("patch", "", "nodes", ""), ("create", "", "pods", ""), ("create", "", "pods", "exec"),
+    ("delete", "", "pods", ""), ("create", "", "configmaps", ""), ("create", "", "services", ""),
+    ("list", "", "events", ""), ("create", "apps", "daemonsets", ""),
+    ("create", "networking.k8s.io", "networkpolicies", ""),
+]
+
+
+class ConformanceError(Exception):
+    """A problem with a hint naming what to do next."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message + (f"\n  hint: {hint}" if hint else ""))
+        self.hint = hint
+
+
+class PreflightError(ConformanceError):
+    """The cluster cannot be used at all: reported once, before any check starts."""
+
+
+class WaitTimeout(ConformanceError):
+    """A wait ran out of time; the message says what it waited for, how long, and the last state seen."""
+
+
+class ProbeFailed(ConformanceError):
+    """The probe could not run (exec failed, no JSON): a transport failure, never a network verdict."""
+
+
+# ---------------------------------------------------------------------------------------------- connect
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.net = client.NetworkingV1Api(self.api)
+        self.auth = client.AuthorizationV1Api(self.api)
+        self.version = client.VersionApi(self.api)
+
+
+def connect(kubeconfig: str | None) -> Kube:
+    """A client for ``kubeconfig``; a missing or unreadable file is a PreflightError naming the option."""
+    if not kubeconfig:
+        raise PreflightError("no kubeconfig: none given, no lab kubeconfig found, KUBECONFIG unset",
+                             "pass --kubeconfig FILE, or --lab SPEC after `lab up` wrote .lab/<name>/kubeconfig")
+    if not Path(kubeconfig).is_file():
+        raise PreflightError(f"kubeconfig {kubeconfig} does not exist",
+                             "run `lab up` first, or pass --kubeconfig with an existing file")
+    try:
+        api = config.new_client_from_config(config_file=str(kubeconfig))
+    except Exception as exc:  # the loader raises ConfigException, ValueError, yaml errors...
+        raise PreflightError(f"kubeconfig {kubeconfig} cannot be used: {exc}",
+                             "check the file with `kubectl --kubeconfig FILE config view`") from None
+    api.configuration.retries = 1
+    return Kube(api)
+
+
+def preflight(kube: Kube, timeout: float = 10.0) -> str:
+    """Reachability, credentials, permissions, nodes. Returns e.g. 'v1.37.0 (3 nodes)'; raises PreflightError."""
+    server = kube.api.configuration.host
+    try:
+        version = kube.version.get_code(_request_timeout=timeout).git_version
+    except ApiException as exc:
+        if exc.status in (401, 403):
+            raise PreflightError(f"the API server at {server} rejected our credentials ({exc.status} {exc.reason})",
+                                 "the kubeconfig's token or certificate is wrong or expired") from None
+        raise PreflightError(f"the API server at {server} answered {exc.status} {exc.reason}") from None
+    except Exception as exc:
+        raise PreflightError(f"cannot reach the API server at {server}: {_short(exc)}",
+                             "is the cluster up (`lab status`)? is this the right kubeconfig?") from None
+    missing = []
+    for verb, group, resource, sub in REQUIRED_ACCESS:
+        review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(verb=verb, group=group, resource=resource,
+                                                            subresource=sub or None)))
+        result = kube.auth.create_self_subject_access_review(review, _request_timeout=timeout)
+        if not result.status.allowed:
+            missing.append(f"{verb} {resource}{'/' + sub if sub else ''}")
+    if missing:
+        raise PreflightError(f"missing permissions on {server}: {', '.join(missing)}",
+                             "run the suite as a cluster admin (the lab's kubeconfig is one)")
+    nodes = kube.core.list_node(_request_timeout=timeout).items
+    if not nodes:
+        raise PreflightError(f"the cluster at {server} has no nodes", "wait for `lab up` to finish")
+    return f"{version} ({len(nodes)} nodes)"
+
+
+def _short(exc: Exception) -> str:
+    exc = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), Exception) else exc
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:200]
+
+
+# ---------------------------------------------------------------------------------------------- waits
+
+
+def wait_until(what: str, seconds: float, check: Callable[[], tuple[bool, object, str]],
+               interval: float = 1.0) -> object:
+    """Poll ``check() -> (done, value, state)`` until done or ``seconds`` pass; WaitTimeout names what and why."""
+    log.info("waiting <= %.0fs for %s", seconds, what)
+    deadline = time.monotonic() + seconds
+    state = "not checked yet"
+    while True:
+        done, value, state = check()
+        if done:
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"gave up after {seconds:.0f}s waiting for {what}; last state: {state}")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+# ---------------------------------------------------------------------------------------------- exec
+
+
+@dataclass
+class ExecResult:
+    rc: int | None  # None: the command did not finish (timeout or lost stream)
+    stdout: str
+    stderr: str
+
+
+class Executor(Protocol):
+    def run(self, namespace: str, pod: str, command: list[str], timeout: float,
+            container: str = "probe") -> ExecResult: ...
+
+
+class StreamExecutor:
+    """Exec through the API server's websocket (``kubectl exec``), keeping the real exit code."""
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+
+    def run(self, namespace: str, pod: str, command: list[str], timeout: float,
+            container: str = "probe") -> ExecResult:
+        resp = stream(self.kube.core.connect_get_namespaced_pod_exec, pod, namespace, command=command,
+                      container=container, stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
+        try:
+            resp.run_forever(timeout=timeout)
+            out, err = resp.read_stdout(timeout=0) or "", resp.read_stderr(timeout=0) or ""
+            rc = None if resp.is_open() else resp.returncode
+        finally:
+            resp.close()
+        return ExecResult(rc, out, err)
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+@dataclass
+class Session:
+    """One run's handle on the cluster: what it created, so it can remove it on success, failure or Ctrl-C."""
+
+    kube: Kube
+    executor: Executor
+    probe_image: str = PROBE_IMAGE
+    wait_seconds: float = 300.0
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    namespaces: list[str] = field(default_factory=list)
+
+    # ---- namespaces and cleanup
+
+    def namespace(self, prefix: str, labels: dict | None = None) -> str:
+        name = f"cf-{prefix}-{self.run_id}"[:63].rstrip("-")
+        body = client.V1Namespace(metadata=client.V1ObjectMeta(
+            name=name, labels={OWNER_LABEL: "true", RUN_LABEL: self.run_id, **(labels or {})}))
+        self.kube.core.create_namespace(body)
+        self.namespaces.append(name)
+        self.probe_configmap(name)
+        return name
+
+    def delete_namespace(self, name: str) -> None:
+        try:
+            self.kube.core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        if name in self.namespaces:
+            self.namespaces.remove(name)
+
+    def cleanup(self) -> list[str]:
+        """Delete every namespace this session created; returns the problems (never raises)."""
+        problems = []
+        for name in list(self.namespaces):
+            try:
+                self.delete_namespace(name)
+            except Exception as exc:  # keep going: remove as much as we can
+                problems.append(f"namespace {name}: {_short(exc)}")
+        return problems
+
+    # ---- workloads
+
+    def probe_configmap(self, namespace: str) -> None:
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="netprobe", labels={OWNER_LABEL: "true"}),
+                                  data={"netprobe.py": NETPROBE_SOURCE.read_text()})
+        self.kube.core.create_namespaced_config_map(namespace, body)
+
+    def probe_pod_spec(self, tcp=(), udp=(), node: str | None = None, host_network: bool = False,
+                       named_ports: dict | None = None) -> dict:
+        command = ["python3", NETPROBE, "serve"]
+        if tcp:
+            command += ["--tcp", ",".join(map(str, tcp))]
+        if udp:
+            command += ["--udp", ",".join(map(str, udp))]
+        if not tcp and not udp:
+            command = ["sleep", "infinity"]
+        ports = [{"containerPort": p, "protocol": "TCP"} for p in tcp] + \
+                [{"containerPort": p, "protocol": "UDP"} for p in udp]
+        for name, (port, proto) in (named_ports or {}).items():
+            for entry in ports:
+                if entry["containerPort"] == port and entry["protocol"] == proto:
+                    entry["name"] = name
+        container = {"name": "probe", "image": self.probe_image, "command": command, "ports": ports,
+                     "volumeMounts": [{"name": "netprobe", "mountPath": NETPROBE_DIR}],
+                     "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}}
+        spec = {"containers": [container], "terminationGracePeriodSeconds": 1, "enableServiceLinks": False,
+                "volumes": [{"name": "netprobe", "configMap": {"name": "netprobe"}}]}
+        if node:  # pinned: may land on a control plane too
+            spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+            spec["tolerations"] = [{"operator": "Exists", "effect": "NoSchedule"}]
+        if host_network:
+            spec.update(hostNetwork=True, hostPID=True, dnsPolicy="ClusterFirstWithHostNet",
+                        tolerations=[{"operator": "Exists"}])
+            container["securityContext"] = {"privileged": True}
+            container["volumeMounts"].append({"name": "host", "mountPath": "/host", "readOnly": True})
+            spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+        return spec
+
+    def probe_pod(self, namespace: str, name: str, labels: dict, **kw) -> None:
+        body = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "labels": {OWNER_LABEL: "true", **labels}},
+                "spec": self.probe_pod_spec(**kw)}
+        self.kube.core.create_namespaced_pod(namespace, body)
+
+    def facts_daemonset(self, namespace: str) -> None:
+        labels = {OWNER_LABEL: "true", "app": "netprobe-facts"}
+        spec = self.probe_pod_spec(host_network=True)
+        body = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "netprobe-facts", "labels": labels},
+                "spec": {"selector": {"matchLabels": {"app": "netprobe-facts"}},
+                         "template": {"metadata": {"labels": labels}, "spec": spec}}}
+        self.kube.apps.create_namespaced_daemon_set(namespace, body)
+
+    def pods_per_node(self, namespace: str, prefix: str, nodes: list[str], tcp=(), udp=(),
+                      labels: dict | None = None) -> dict[str, tuple[str, str]]:
+        """One probe pod pinned to each node; waits for them; node -> (pod name, pod IP)."""
+        app = {"app": prefix, **(labels or {})}
+        for node in nodes:
+            self.probe_pod(namespace, f"{prefix}-{node}"[:63], app, node=node, tcp=tcp, udp=udp)
+        pods = self.wait_pods_ready(namespace, f"app={prefix}", len(nodes), f"{prefix} (one per node)")
+        return {p.spec.node_name: (p.metadata.name, p.status.pod_ip) for p in pods}
+
+    # ---- waits
+
+    def wait_pods_ready(self, namespace: str, selector: str, count: int, what: str,
+                        seconds: float | None = None) -> list:
+        """Wait until ``count`` pods matching ``selector`` are Running and Ready; image pull errors fail at once."""
+        seconds = seconds or self.wait_seconds
+
+        def check():
+            pods = self.kube.core.list_namespaced_pod(namespace, label_selector=selector).items
+            ready = [p for p in pods if _pod_ready(p)]
+            states = []
+            for p in pods:
+                reason = _waiting_reason(p)
+                if reason in FATAL_WAIT_REASONS:
+                    raise ConformanceError(f"pod {namespace}/{p.metadata.name} cannot start: {reason}",
+                                           f"is the image {self.probe_image} pullable from the nodes? "
+                                           "use --probe-image to point at a mirror")
+                if not _pod_ready(p):
+                    states.append(f"{p.metadata.name}: {p.status.phase if p.status else '?'}"
+                                  + (f" ({reason})" if reason else ""))
+            state = f"{len(ready)}/{count} ready" + (f"; {', '.join(states)}" if states else "")
+            return len(ready) >= count, ready, state
+        return wait_until(f"{count} pod(s) {what} ({namespace}, {selector}) to be Running and Ready", seconds, check)
+
+    # ---- probes
+
+    def exec(self, namespace: str, pod: str, command: list[str], timeout: float,
+             container: str = "probe") -> ExecResult:
+        return self.executor.run(namespace, pod, command, timeout, container)
+
+    def netprobe(self, namespace: str, pod: str, args: list[str], timeout: float = 60.0):
+        """Run netprobe in a pod; its JSON document, or ProbeFailed when it could not run."""
+        where = f"{namespace}/{pod}"
+        try:
+            res = self.executor.run(namespace, pod, ["python3", NETPROBE, *args], timeout)
+        except ApiException as exc:
+            raise ProbeFailed(f"exec in {where} failed: {exc.status} {exc.reason}") from None
+        except Exception as exc:
+            raise ProbeFailed(f"exec in {where} failed: {type(exc).__name__}: {_short(exc)}") from None
+        if res.rc is None:
+            raise ProbeFailed(f"netprobe {args[0]} in {where} did not finish within {timeout:.0f}s")
+        if res.rc == 2:
+            raise ConformanceError(f"netprobe rejected its arguments {args}: {res.stderr.strip()}",
+                                   "this is a bug in the suite; please report it")
+        if res.rc != 0:
+            raise ProbeFailed(f"netprobe {args[0]} in {where} could not run (exit {res.rc}): "
+                              f"{res.stderr.strip()[:300]}")
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            raise ProbeFailed(f"netprobe {args[0]} in {where} printed no JSON: {res.stdout[:200]!r}") from None
+
+
+def _pod_ready(pod) -> bool:
+    st = pod.status
+    if not st or st.phase != "Running":
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in (st.conditions or []))
+
+
+def _waiting_reason(pod) -> str | None:
+    for cs in (pod.status.container_statuses or []) if pod.status else []:
+        if cs.state and cs.state.waiting and cs.state.waiting.reason:
+            return cs.state.waiting.reason
+    return None
+
+
+def sweep(kube: Kube) -> list[str]:
+    """Delete every namespace labelled as ours (leftovers of interrupted runs). Returns their names."""
+    names = [ns.metadata.name for ns in kube.core.list_namespace(label_selector=f"{OWNER_LABEL}=true").items]
+    for name in names:
+        try:
+            kube.core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    return names
+
+
+def node_addresses(kube: Kube) -> dict[str, str]:
+    """node name -> InternalIP."""
+    out = {}
+    for node in kube.core.list_node().items:
+        for addr in node.status.addresses or []:
+            if addr.type == "InternalIP":
+                out[node.metadata.name] = addr.address
+    return out

@@ -1,0 +1,190 @@
+"""LoadBalancer (MetalLB L2): IP from the pool within a deadline, HTTP from the runner reaches a backend, the runner's
+neighbour entry maps the IP to exactly one node, a requested IP is honoured, a request beyond the pool stays Pending
+with an event saying why, externalTrafficPolicy Local keeps the client's source IP, and failover: with the
+announcing node's speaker gone, the seconds until the IP answers again from another node.
+
+Backends answer HTTP GET with JSON {"host": pod name, "peer": client address as the pod sees it}.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conformance import kube as k8s
+from conformance.verdicts import ip_in_pool, outside_pool_address, parse_link_macs, parse_neighbour
+
+pytestmark = pytest.mark.xdist_group("metallb")  # failover disturbs the speakers: keep LB checks on one worker
+
+HTTP_PORT = 8080
+FAILOVER_TAINT = "kvmlab.io/conformance-failover"
+HTTP_SERVER = r'''
+import http.server, json, socket
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"host": socket.gethostname(), "peer": self.client_address[0]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
+'''
+
+
+def http_get(ip: str, port: int = 80, timeout: float = 2.0) -> dict | None:
+    """GET / from the runner; the backend's JSON, or None when nothing answered."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def neighbour_mac(ip: str) -> str | None:
+    res = subprocess.run(["ip", "neigh", "show", "to", ip], capture_output=True, text=True, timeout=10)
+    return parse_neighbour(res.stdout, ip)
+
+
+def lb_service(name: str, annotations: dict | None = None, local: bool = False) -> dict:
+    spec = {"type": "LoadBalancer", "selector": {"app": "lb-backend"},
+            "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"}]}
+    if local:
+        spec["externalTrafficPolicy"] = "Local"
+    return {"apiVersion": "v1", "kind": "Service", "spec": spec,
+            "metadata": {"name": name, "annotations": annotations or {}, "labels": {k8s.OWNER_LABEL: "true"}}}
+
+
+def wait_ingress(kube, ns: str, name: str, seconds: float) -> str:
+    def check():
+        svc = kube.core.read_namespaced_service(name, ns)
+        ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
+        ips = [i.ip for i in ingress if i.ip]
+        return bool(ips), ips[0] if ips else None, f"status.loadBalancer.ingress={ips or 'empty'}"
+    return k8s.wait_until(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check)
+
+
+@pytest.fixture(scope="module")
+def lb(cluster, kube, settings, runner_ip):
+    if not settings.lb_pool:
+        pytest.skip("needs the MetalLB pool: pass --lab SPEC or --lb-pool CIDR|FIRST-LAST")
+    nodes = sorted(k8s.node_addresses(kube))
+    ns = cluster.namespace("lb")
+    for node in nodes:
+        spec = cluster.probe_pod_spec(node=node)
+        spec["containers"][0].update(command=["python3", "-c", HTTP_SERVER],
+                                     ports=[{"containerPort": HTTP_PORT, "name": "http"}])
+        kube.core.create_namespaced_pod(ns, {"metadata": {"name": f"backend-{node}", "labels": {
+            "app": "lb-backend", k8s.OWNER_LABEL: "true"}}, "spec": spec})
+    cluster.wait_pods_ready(ns, "app=lb-backend", len(nodes), "HTTP backends (one per node)")
+    started = time.monotonic()
+    kube.core.create_namespaced_service(ns, lb_service("lb-auto"))
+    ip = wait_ingress(kube, ns, "lb-auto", settings.wait_seconds)
+    return {"ns": ns, "ip": ip, "seconds": time.monotonic() - started, "nodes": nodes}
+
+
+def test_ip_from_pool_within_deadline(lb, settings, measure):
+    measure("lb_ip_seconds", round(lb["seconds"], 1))
+    measure("lb_ip", lb["ip"])
+    assert ip_in_pool(lb["ip"], settings.lb_pool), f"LoadBalancer IP {lb['ip']} is outside the pool {settings.lb_pool}"
+
+
+def _wait_http(ip: str, seconds: float) -> dict:
+    def check():
+        answer = http_get(ip)
+        return answer is not None, answer, "no HTTP answer"
+    return k8s.wait_until(f"HTTP GET http://{ip}/ from the runner to be answered", seconds, check, 0.5)
+
+
+def test_http_from_runner_reaches_a_backend(lb, measure):
+    answer = _wait_http(lb["ip"], 60)
+    measure("backend", answer["host"])
+    assert answer["host"].startswith("backend-"), f"answer from an unexpected host: {answer}"
+
+
+def _taint(t) -> dict:
+    return {k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v is not None}
+
+
+def node_macs(node_facts) -> dict[str, set[str]]:
+    return {node: parse_link_macs(node_facts.host(node, "ip -o link").stdout) for node in node_facts.pods}
+
+
+def announcing_node(ip: str, macs: dict[str, set[str]]) -> tuple[str | None, str | None, list[str]]:
+    mac = neighbour_mac(ip)
+    owners = [n for n, m in macs.items() if mac and mac in m]
+    return (owners[0] if len(owners) == 1 else None), mac, owners
+
+
+def test_neighbour_entry_maps_to_exactly_one_node(lb, node_facts, measure):
+    _wait_http(lb["ip"], 60)
+    node, mac, owners = announcing_node(lb["ip"], node_macs(node_facts))
+    measure("announcing_node", node)
+    assert mac, f"the runner has no neighbour entry for {lb['ip']}: nothing answered ARP (no L2Advertisement?)"
+    assert len(owners) == 1, f"{lb['ip']} is at {mac}, which belongs to {owners or 'no node'}; expected exactly one"
+
+
+def test_requested_ip_is_honoured(lb, kube, settings, measure):
+    from lab.spec import pool_ranges
+    first, last = pool_ranges(settings.lb_pool[-1])
+    want = str(last) if str(last) != lb["ip"] else str(last - 1)
+    kube.core.create_namespaced_service(lb["ns"], lb_service("lb-requested", {"metallb.io/loadBalancerIPs": want}))
+    got = wait_ingress(kube, lb["ns"], "lb-requested", settings.wait_seconds)
+    measure("requested_ip", want)
+    assert got == want, f"asked for {want} (metallb.io/loadBalancerIPs), got {got}"
+
+
+def test_request_beyond_pool_stays_pending_with_event(lb, kube, settings, measure):
+    network = str(settings.lab.network.cidr) if settings.lab else None
+    beyond = outside_pool_address(settings.lb_pool, network)
+    ns = lb["ns"]
+    kube.core.create_namespaced_service(ns, lb_service("lb-beyond", {"metallb.io/loadBalancerIPs": beyond}))
+
+    def check():
+        events = kube.core.list_namespaced_event(ns, field_selector="involvedObject.name=lb-beyond").items
+        failed = [e for e in events if e.reason == "AllocationFailed"]
+        return bool(failed), failed, f"events: {[(e.reason, e.message) for e in events] or 'none'}"
+    events = k8s.wait_until(f"an AllocationFailed event for {ns}/lb-beyond ({beyond} is outside the pool)", 120, check)
+    svc = kube.core.read_namespaced_service("lb-beyond", ns)
+    ingress = svc.status.load_balancer.ingress if svc.status and svc.status.load_balancer else None
+    measure("event", events[0].message)
+    assert not ingress, f"{beyond} is outside the pool {settings.lb_pool} but the Service got {ingress}"
+
+
+def test_external_traffic_policy_local_preserves_source_ip(lb, kube, settings, runner_ip, measure):
+    kube.core.create_namespaced_service(lb["ns"], lb_service("lb-local", local=True))
+    ip = wait_ingress(kube, lb["ns"], "lb-local", settings.wait_seconds)
+    answer = _wait_http(ip, 60)
+    measure("peer_seen_by_backend", answer["peer"])
+    assert answer["peer"] == runner_ip, (f"the backend saw {answer['peer']}, not the client {runner_ip}: the source "
+                                         "was NATed (externalTrafficPolicy Local not honoured)")
+
+
+@pytest.mark.disruptive
+def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
+    """Taint the announcing node NoExecute (its speaker is evicted); time until the IP answers from another node."""
+    macs = node_macs(node_facts)
+    _wait_http(lb["ip"], 60)
+    before, mac, owners = announcing_node(lb["ip"], macs)
+    assert before, f"cannot tell the announcing node ({lb['ip']} at {mac}, owners {owners})"
+    if len(macs) < 2:
+        pytest.skip("failover needs two nodes")
+    node = kube.core.read_node(before)
+    taints = [_taint(t) for t in (node.spec.taints or [])]
+    kube.core.patch_node(before, {"spec": {"taints": taints + [
+        {"key": FAILOVER_TAINT, "value": "true", "effect": "NoExecute"}]}})
+    started = time.monotonic()
+    try:
+        def check():
+            answer = http_get(lb["ip"], timeout=1.0)
+            now, mac_now, _ = announcing_node(lb["ip"], macs)
+            done = answer is not None and now is not None and now != before
+            return done, now, f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
+        after = k8s.wait_until(f"{lb['ip']} to answer from a node other than {before}", 300, check, 0.2)
+        seconds = time.monotonic() - started
+    finally:
+        current = kube.core.read_node(before).spec.taints or []
+        kube.core.patch_node(before, {"spec": {"taints": [_taint(t) for t in current if t.key != FAILOVER_TAINT]}})
+    measure("failover_seconds", round(seconds, 2))
+    measure("failover", f"{before} -> {after}")
