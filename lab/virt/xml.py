@@ -59,12 +59,12 @@ def _owner(parent: ET.Element, lab: Lab, node: NodeSpec | None = None) -> None:
 
 
 def parse_owner(xml_string: str) -> tuple[str, str | None] | None:
-    """(lab name, node name or None) from a network/domain XML (or the bare owner element); None if not ours."""
+    """(lab name, node name or None) from a network's or domain's XML; None if it carries no owner of ours."""
     try:
         root = ET.fromstring(xml_string)
     except ET.ParseError:
         return None
-    owner = root if root.tag == OWNER else root.find(f"metadata/{OWNER}")
+    owner = root.find(f"metadata/{OWNER}")
     if owner is None or not owner.get("lab"):
         return None
     return owner.get("lab"), owner.get("node")
