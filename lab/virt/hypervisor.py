@@ -11,20 +11,17 @@ domain capabilities (kvm offer read from the capabilities' guest list), undefine
 """
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import libvirt
 
 from lab.errors import VirtError
+from lab.virt.accel import (AccelFacts, _cpuinfo_flags, _open_kvm_device, decide_accel, is_local_uri,  # noqa: F401
+                            local_accel)
 from lab.virt.xml import dhcp_host_xml, parse_owner
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions; no stderr noise
@@ -49,72 +46,6 @@ DOMAIN_STATES = {libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNI
                  libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
                  libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
                  libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended"}
-TCG_WARNING = "falling back to TCG software emulation (domain type qemu): it works, but is roughly 5-20x slower"
-
-
-def is_local_uri(uri: str) -> bool:
-    """No host part and no network transport: the hypervisor runs on this machine."""
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    return not parts.hostname and transport in ("", "unix")
-
-
-# ---------------------------------------------------------------------------------------------- accelerator
-
-
-@dataclass(frozen=True)
-class AccelFacts:
-    """What decides KVM vs TCG. ``kvm_device``/``kvm_offered`` carry a reason string when unusable."""
-
-    uri: str
-    local: bool
-    cpu_flags: frozenset[str]
-    kvm_device: str | None    # None: /dev/kvm opened read-write (or not checked: remote); else why not
-    kvm_offered: str | None   # None: libvirt offers domain type kvm; else why not
-
-
-def decide_accel(requested: str, facts: AccelFacts) -> tuple[str, str | None]:
-    """('kvm'|'qemu', warning or None). Raises VirtError when 'kvm' is requested but unusable."""
-    if requested not in ("auto", "kvm", "tcg"):
-        raise VirtError(f"libvirt.accel {requested!r} is not known", hint="use auto, kvm or tcg", exit_code=2)
-    reasons = []
-    if not facts.cpu_flags & {"vmx", "svm"}:
-        reasons.append("the host CPU shows neither vmx nor svm (no VT-x/AMD-V, disabled in firmware, or "
-                       "nested virtualization off)")
-    if facts.local and facts.kvm_device:
-        reasons.append(f"/dev/kvm {facts.kvm_device}")
-    if facts.kvm_offered:
-        reasons.append(f"libvirt does not offer domain type kvm: {facts.kvm_offered}")
-    if requested == "tcg":
-        return "qemu", None
-    if not reasons:
-        return "kvm", None
-    why = "; ".join(reasons)
-    if requested == "kvm":
-        raise VirtError(f"libvirt.accel is kvm but KVM is unusable on {facts.uri}: {why}",
-                        hint="set libvirt.accel: auto (or tcg) to run under TCG, or enable VT-x/AMD-V (firmware, "
-                             "nested virtualization) and load kvm_intel/kvm_amd")
-    return "qemu", f"KVM is unusable on {facts.uri}: {why}; {TCG_WARNING}"
-
-
-def _open_kvm_device(path: str = "/dev/kvm") -> str | None:
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return "does not exist (kvm_intel/kvm_amd not loaded, or no hardware virtualization)"
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return "cannot be opened read-write by this user (add it to group kvm)"
-        return f"cannot be opened: {exc.strerror}"
-
-
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if re.match(r"flags\s*:", line) for flag in line.split(":")[1].split()}
 
 
 # ---------------------------------------------------------------------------------------------- hypervisor

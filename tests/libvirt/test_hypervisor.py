@@ -18,8 +18,9 @@ import pytest
 
 from lab.errors import VirtError
 from lab.spec import parse_lab
-from lab.virt import hypervisor as hvmod
-from lab.virt.hypervisor import AccelFacts, Hypervisor, decide_accel, is_local_uri
+from lab.virt import accel as hvmod
+from lab.virt.accel import AccelFacts, decide_accel, is_local_uri, local_accel
+from lab.virt.hypervisor import Hypervisor
 from lab.virt.xml import domain_xml, network_xml, pool_xml, volume_xml
 
 URI = "test:///default"
@@ -524,6 +525,16 @@ def test_decide_accel_rejects_unknown_requests():
     with pytest.raises(VirtError, match="'hvf' is not known") as err:
         decide_accel("hvf", GOOD)
     assert err.value.exit_code == 2
+
+
+def test_local_accel_here_agrees_with_this_machine():
+    """``lab render`` decides without libvirt: on this machine (no vmx/svm) that is TCG with the reason."""
+    virt_type, warning = local_accel("auto")
+    if cpu_has_virtualization() and hvmod._open_kvm_device() is None:
+        assert (virt_type, warning) == ("kvm", None)
+    else:
+        assert virt_type == "qemu" and "TCG" in warning
+    assert local_accel("tcg") == ("qemu", None)
 
 
 def test_kvm_device_and_cpuinfo_probes(tmp_path):
