@@ -57,7 +57,7 @@ def decide_accel(requested: str, facts: AccelFacts) -> tuple[str, str | None]:
     return "qemu", f"KVM is unusable on {facts.uri}: {why}; {TCG_WARNING}"
 
 
-def _open_kvm_device(path: str = "/dev/kvm") -> str | None:
+def open_kvm_device(path: str = "/dev/kvm") -> str | None:
     try:
         os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
         return None
@@ -69,7 +69,7 @@ def _open_kvm_device(path: str = "/dev/kvm") -> str | None:
         return f"cannot be opened: {exc.strerror}"
 
 
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+def cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
     try:
         text = Path(path).read_text()
     except OSError:
@@ -79,7 +79,7 @@ def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
 
 def local_facts(uri: str = "this machine") -> AccelFacts:
     """Facts from this machine alone (no libvirt): CPU flags and /dev/kvm; libvirt's kvm offer is assumed."""
-    return AccelFacts(uri=uri, local=True, cpu_flags=frozenset(_cpuinfo_flags()), kvm_device=_open_kvm_device(),
+    return AccelFacts(uri=uri, local=True, cpu_flags=frozenset(cpuinfo_flags()), kvm_device=open_kvm_device(),
                       kvm_offered=None)
 
 

@@ -5,9 +5,11 @@ is missing, returning ``(object, created)``; every other libvirt failure becomes
 object and the next command to run. Methods taking an object also accept its name.
 
 The in-process ``test:///default`` driver (``simulated``) lacks some calls; what we do about each:
-volume upload (no data is stored: warned, see :meth:`Hypervisor.upload`), DHCP leases (skipped, next source),
-domain capabilities (kvm offer read from the capabilities' guest list), undefine flags NVRAM/CHECKPOINTS
-(retried with the flags it knows). Its ``interfaceAddresses`` fabricates addresses for any running domain.
+volume upload (no data is stored: warned, see :meth:`Hypervisor.upload`); DHCP leases (skipped, next source);
+domain capabilities (kvm offer read from the capabilities' guest list); undefine flags NVRAM/CHECKPOINTS
+(retried with the flags it knows); ``VIR_NETWORK_XML_INACTIVE`` (it keeps one definition per network, so the
+current XML stands in). Its ``interfaceAddresses`` fabricates addresses for any running domain. Ownership
+metadata goes into the XML at define time: ``virNetworkSetMetadata`` is newer (9.7) than Debian 12's libvirt.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from pathlib import Path
 import libvirt
 
 from lab.errors import VirtError
-from lab.virt.accel import (AccelFacts, _cpuinfo_flags, _open_kvm_device, decide_accel, is_local_uri,  # noqa: F401
-                            local_accel)
+from lab.virt.accel import AccelFacts, cpuinfo_flags, open_kvm_device, decide_accel, is_local_uri
+from lab.virt.accel import local_accel  # noqa: F401  (re-exported for ``lab render``)
 from lab.virt.xml import dhcp_host_xml, parse_owner
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions; no stderr noise
@@ -433,10 +435,10 @@ class Hypervisor:
             caps = ET.fromstring(self.conn.getCapabilities())
         flags = {f.get("name") for f in caps.findall("host/cpu/feature")}
         if local:
-            flags |= _cpuinfo_flags()
+            flags |= cpuinfo_flags()
         arch = caps.findtext("host/cpu/arch") or "x86_64"
         return AccelFacts(uri=self.uri, local=local, cpu_flags=frozenset(flags),
-                          kvm_device=_open_kvm_device() if local else None,
+                          kvm_device=open_kvm_device() if local else None,
                           kvm_offered=self._kvm_offered(caps, arch))
 
     def _kvm_offered(self, caps: ET.Element, arch: str) -> str | None:

@@ -460,7 +460,7 @@ def test_addresses_all_sources_silent_is_empty_and_a_real_failure_raises(hv):
 
 
 def cpu_has_virtualization() -> bool:
-    return bool(hvmod._cpuinfo_flags() & {"vmx", "svm"})
+    return bool(hvmod.cpuinfo_flags() & {"vmx", "svm"})
 
 
 def test_detect_accel_here_picks_tcg_with_a_warning(hv):
@@ -530,7 +530,7 @@ def test_decide_accel_rejects_unknown_requests():
 def test_local_accel_here_agrees_with_this_machine():
     """``lab render`` decides without libvirt: on this machine (no vmx/svm) that is TCG with the reason."""
     virt_type, warning = local_accel("auto")
-    if cpu_has_virtualization() and hvmod._open_kvm_device() is None:
+    if cpu_has_virtualization() and hvmod.open_kvm_device() is None:
         assert (virt_type, warning) == ("kvm", None)
     else:
         assert virt_type == "qemu" and "TCG" in warning
@@ -538,9 +538,9 @@ def test_local_accel_here_agrees_with_this_machine():
 
 
 def test_kvm_device_and_cpuinfo_probes(tmp_path):
-    assert "does not exist" in hvmod._open_kvm_device(str(tmp_path / "kvm"))
-    assert hvmod._open_kvm_device(str(tmp_path)).startswith("cannot be opened")  # a directory: EISDIR
+    assert "does not exist" in hvmod.open_kvm_device(str(tmp_path / "kvm"))
+    assert hvmod.open_kvm_device(str(tmp_path)).startswith("cannot be opened")  # a directory: EISDIR
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 vmx\n\nprocessor\t: 1\nflags\t\t: fpu sse2 vmx\n")
-    assert hvmod._cpuinfo_flags(str(cpuinfo)) == {"fpu", "sse2", "vmx"}
-    assert hvmod._cpuinfo_flags(str(tmp_path / "none")) == set()
+    assert hvmod.cpuinfo_flags(str(cpuinfo)) == {"fpu", "sse2", "vmx"}
+    assert hvmod.cpuinfo_flags(str(tmp_path / "none")) == set()
