@@ -4,7 +4,6 @@ Run ``pytest conformance --lab labs/default.yaml`` (kubeconfig from the lab) or 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

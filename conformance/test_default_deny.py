@@ -8,6 +8,7 @@ prints both tables with the differing cells marked.
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 
@@ -133,7 +134,6 @@ def observe(cluster, world: World) -> TruthTable:
             dns = cluster.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
             if dns.rc != 0:
                 raise k8s.ProbeFailed(f"DNS probe in {ns}/{pod} failed (exit {dns.rc}): {dns.stderr[:200]}")
-            import json
             results[source] = out + json.loads(dns.stdout)
         except Exception as exc:  # collected; the whole observation then counts as a transport failure
             errors.append(exc)

@@ -15,10 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import NETPROBE, NODES, run_suite, run_netprobe_locally
+from apidouble.kubelet import NETPROBE, NODES, run_netprobe_locally, run_suite
 
 from conformance import kube as k8s
 from lab.spec import PRODUCTION_SYSCTLS
@@ -242,9 +241,12 @@ def tuning_exec(bad_node: str | None = None):
 TUNING_ARGS = ["conformance/test_tuning.py"]  # expected: the production set (the default without --lab)
 
 
-def test_harness_tuning_check_passes_end_to_end(double, kubeconfig, kubelet, tmp_path):
+@pytest.mark.parametrize("parallel", [[], ["-n", "2", "--dist", "loadgroup"]], ids=["serial", "xdist"])
+def test_harness_tuning_check_passes_end_to_end(double, kubeconfig, kubelet, tmp_path, parallel):
+    """With xdist the report is assembled on the controller from the workers' reports."""
     double.exec_handler = tuning_exec()
-    proc = run_suite(TUNING_ARGS + ["--kubeconfig", kubeconfig, "--results-dir", str(tmp_path / "r")], tmp_path)
+    proc = run_suite(TUNING_ARGS + parallel + ["--kubeconfig", kubeconfig, "--results-dir", str(tmp_path / "r")],
+                     tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "conformance summary" in out and "PASS" in out
