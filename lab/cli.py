@@ -118,7 +118,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     if not record.get("ip"):
         raise LabError(f"node {args.node} has no known address", hint="run `lab up` first")
     command = [c for c in args.command if c != "--"]
-    argv = ["ssh", "-i", str(state.ssh_key), "-p", str(lab.ssh.port),
+    argv = ["ssh", "-i", str(state.ssh_key),
             "-o", f"UserKnownHostsFile={state.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "LogLevel=ERROR", f"{lab.ssh.user}@{record['ip']}", *command]

@@ -42,7 +42,7 @@ def collect_logs(ctx: Context, out: Path) -> Path:
 def _collect_node(ctx: Context, node: str, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     index = []
-    console = Path(console_log_path(ctx, node))
+    console = Path(console_log_path(ctx.lab, node))
     try:
         shutil.copyfile(console, out / "serial-console.log")
         index.append(f"ok      {node}/serial-console.log")

@@ -73,7 +73,7 @@ class Context:
         if self._hv is None:
             from lab.virt.hypervisor import Hypervisor
 
-            self._hv = Hypervisor(self.lab.libvirt.uri)
+            self._hv = Hypervisor(self.lab.libvirt.uri, warn=self.log.warn)
         return self._hv
 
     def host(self, node: str) -> "Host":
@@ -85,8 +85,7 @@ class Context:
             if not record or not record.get("ip"):
                 raise LabError(f"node {node} has no recorded address", hint="run `lab up` first")
             self.hosts[node] = ParamikoHost(node, record["ip"], self.lab.ssh.user, self.state.ssh_key,
-                                            record["host_key"], port=self.lab.ssh.port,
-                                            default_timeout=self.lab.timeouts.command)
+                                            record["host_key"], default_timeout=self.lab.timeouts.command)
         return self.hosts[node]
 
     def close(self) -> None:

@@ -119,7 +119,6 @@ class TuningSpec(Model):
 
 class SshSpec(Model):
     user: str = "lab"
-    port: int = 22
 
 
 class TimeoutsSpec(Model):

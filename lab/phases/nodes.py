@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 from lab.errors import LabError
 from lab.phases.storage import base_volumes, node_volumes
 from lab.pipeline import Context, Phase
-from lab.spec import NodeSpec
+from lab.spec import Lab, NodeSpec
 from lab.virt.xml import domain_xml
 
 
-def console_log_path(ctx: Context, node: NodeSpec | str) -> str:
-    return f"/var/log/libvirt/qemu/{ctx.lab.domain_name(node)}-serial.log"
+def console_log_path(lab: Lab, node: NodeSpec | str) -> str:
+    return f"/var/log/libvirt/qemu/{lab.domain_name(node)}-serial.log"
 
 
 class Nodes(Phase):
@@ -29,7 +29,7 @@ class Nodes(Phase):
         kernel = dict(kernel=path(base["kernel"]), initrd=path(base["initrd"]), cmdline=ctx.image.cmdline) \
             if ctx.image.format == "kernel" else {}
         return domain_xml(ctx.lab, node, virt_type=ctx.virt_type or "qemu", disk_path=path(own["disk"]),
-                          seed_path=path(own["seed"]), console_log=console_log_path(ctx, node), **kernel)
+                          seed_path=path(own["seed"]), console_log=console_log_path(ctx.lab, node), **kernel)
 
     def _start(self, ctx: Context, node: NodeSpec) -> str:
         name = ctx.lab.domain_name(node)

@@ -111,7 +111,10 @@ class Storage(Phase):
             return
         private, public, fingerprint = seed.generate_host_key()
         iso = seed.build_seed_iso(seed.user_data(ctx.lab, node, public_key, private, public),
-                                  seed.meta_data(ctx.lab, node), seed.network_config(ctx.lab, node))
+                                  # a new instance-id makes cloud-init apply the new host key on an existing disk
+                                  seed.meta_data(ctx.lab, node, instance_id=f"{ctx.lab.domain_name(node)}-"
+                                                 f"{fingerprint.split(':', 1)[-1][:12]}"),
+                                  seed.network_config(ctx.lab, node))
         if seed_vol is not None:
             seed_vol.delete(0)
         seed_vol, _ = ctx.hv.ensure_volume(pool, volume_xml(names["seed"], len(iso), "raw"))

@@ -15,7 +15,7 @@ POLL = 2.0
 
 
 def console_tail(ctx: Context, node: NodeSpec | str, lines: int = 15) -> str:
-    path = Path(console_log_path(ctx, node))
+    path = Path(console_log_path(ctx.lab, node))
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -59,12 +59,8 @@ def wait_cloud_init(ctx: Context, node: NodeSpec) -> None:
 
 def write_known_hosts(ctx: Context) -> None:
     """known_hosts (0600) for `lab ssh` and OpenSSH users: each node's address with its pinned key."""
-    port = ctx.lab.ssh.port
-    lines = []
-    for record in ctx.state.load().get("nodes", {}).values():
-        if record.get("ip") and record.get("host_key"):
-            address = record["ip"] if port == 22 else f"[{record['ip']}]:{port}"
-            lines.append(f"{address} {record['host_key']}\n")
+    lines = [f"{r['ip']} {r['host_key']}\n" for r in ctx.state.load().get("nodes", {}).values()
+             if r.get("ip") and r.get("host_key")]
     write_private(ctx.state.known_hosts, "".join(lines))
 
 
