@@ -3,6 +3,7 @@
 set -euo pipefail
 uri=qemu:///system
 answers() { timeout 10 virsh -c "$uri" version >/dev/null 2>&1; }
+bash "$(dirname "$0")/kvm-device.sh"
 answers && exit 0
 if [ -d /run/systemd/system ]; then
   echo "starting libvirtd (systemd)"

@@ -58,6 +58,7 @@ start() {
     fi
     ip -n "$NS" link set lo up
     mkdir -p /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/images /var/lib/libvirt/qemu
+    bash "$(dirname "${BASH_SOURCE[0]}")/kvm-device.sh"
     # qemu runs as libvirt-qemu: the pool folders must be searchable by it.
     chmod o+x /var/lib/libvirt /var/lib/libvirt/images
 

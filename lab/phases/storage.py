@@ -49,6 +49,8 @@ class Storage(Phase):
         pool = ctx.hv.pool(ctx.lab.pool_name)
         if pool is None or not pool.isActive() or ctx.image is None:
             return False
+        if ctx.state.get_in("created", "base_sha256") != ctx.image.sha256:
+            return False  # run() refuses a changed image under existing overlays, with the fix
         pool.refresh(0)
         names = list(base_volumes(ctx.image).values())
         for node in ctx.lab.nodes:

@@ -10,10 +10,12 @@ from lab.render.tuning import MODULES_PATH, SYSCTL_PATH, modules_conf, normalize
 
 
 def read_back(host: Host, expected: dict[str, str]) -> dict[str, str | None]:
-    """The node's actual value for each expected sysctl (None where the key does not exist)."""
+    """The node's actual value for each expected sysctl (None where the key does not exist).
+
+    Through sudo: sysctl lives in /usr/sbin, which is not on an ordinary user's PATH on Debian."""
     names = list(expected)
     script = 'for k in "$@"; do printf "%s\\t" "$k"; sysctl -n "$k" 2>/dev/null || echo "<missing>"; done'
-    out = host.run("sh", "-c", script, "sh", *names).stdout
+    out = host.run("sh", "-c", script, "sh", *names, sudo=True).stdout
     actual: dict[str, str | None] = {}
     for line in out.splitlines():
         if "\t" in line:

@@ -40,8 +40,9 @@ def wait_ip(ctx: Context, node: NodeSpec) -> str:
                 ctx.log.warn(f"{node.name}: got {ip} from {source}, not the reserved {node.ip}")
             return ip
         if time.monotonic() > deadline:
+            errors = "".join(f"; {src} failed: {msg}" for src, msg in ctx.hv.address_errors.items())
             raise WaitTimeout(f"{node.name}: no IP address for MAC {mac} within {ctx.lab.timeouts.boot}s "
-                              f"(timeouts.boot); last console lines:\n{console_tail(ctx, node)}",
+                              f"(timeouts.boot){errors}; last console lines:\n{console_tail(ctx, node)}",
                               hint="check the network's DHCP (virsh net-dhcp-leases) and the console: lab logs")
         time.sleep(POLL)
 

@@ -4,6 +4,7 @@ commands a user runs on the hypervisor host).
 """
 from __future__ import annotations
 
+import base64
 import shlex
 import socket
 import subprocess
@@ -107,7 +108,7 @@ class ParamikoHost(Host):
     def _pinned_client(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         keytype, b64 = self.host_key_line.split()[:2]
-        hostkey = paramiko.PKey.from_type_string(keytype, paramiko.util.b64decode(b64.encode()))
+        hostkey = paramiko.PKey.from_type_string(keytype, base64.b64decode(b64))
         hostname = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
         client.get_host_keys().add(hostname, keytype, hostkey)
         client.set_missing_host_key_policy(PinnedHostKeyPolicy())

@@ -68,6 +68,7 @@ class Hypervisor:
     """A libvirt connection with idempotent operations. ``warn`` receives warnings (default: logging)."""
 
     def __init__(self, uri: str, *, warn: Callable[[str], None] | None = None):
+        self.address_errors: dict[str, str] = {}  # address source -> its last error (see addresses())
         self.uri = uri
         self._warn = warn or logging.getLogger("lab.virt").warning
         try:
@@ -408,7 +409,11 @@ class Hypervisor:
 
     def addresses(self, dom: libvirt.virDomain | str, mac: str) -> list[tuple[str, str]]:
         """IPv4 addresses of the NIC with ``mac``: [(source, ip)] from the first source that knows any, trying
-        DHCP leases, then the guest agent, then the ARP table. [] while nothing is known (or the domain is off)."""
+        DHCP leases, then the guest agent, then the ARP table. [] while nothing is known (or the domain is off).
+
+        A source that fails (e.g. libvirt's ARP reader on a kernel whose netlink it does not parse: "wrong nlmsg
+        len") does not end the wait: the others may still answer. Its error is kept in ``address_errors`` so the
+        caller's timeout message can name it."""
         dom = self._need(dom, self.domain, "domain")
         mac = mac.lower()
         for source, flag in ADDRESS_SOURCES:
@@ -417,10 +422,9 @@ class Hypervisor:
                     return []
                 ifaces = dom.interfaceAddresses(flag, 0) or {}
             except libvirt.libvirtError as exc:
-                if _code(exc) in NO_ANSWER:
-                    continue
-                raise VirtError(f"asking {source} for the addresses of domain {dom.name()} failed: "
-                                f"{exc.get_error_message()}") from None
+                if _code(exc) not in NO_ANSWER:
+                    self.address_errors[source] = exc.get_error_message()
+                continue
             found = [(source, a["addr"]) for iface in ifaces.values() if (iface.get("hwaddr") or "").lower() == mac
                      for a in iface.get("addrs") or [] if a.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4]
             if found:

@@ -85,7 +85,7 @@ def test_mismatched_host_key_is_refused(up, lab, state_dir):
 def test_tuning_reads_back_on_every_node(up, lab, state_dir):
     names = list(PRODUCTION_SYSCTLS)
     for node in lab.nodes:
-        proc = lab_cli(state_dir, "ssh", "-c", str(SPEC), node.name, "--", "sysctl", *names)
+        proc = lab_cli(state_dir, "ssh", "-c", str(SPEC), node.name, "--", "sudo", "-n", "sysctl", *names)
         assert proc.returncode == 0, proc.stderr
         values = dict(line.split(" = ", 1) for line in proc.stdout.strip().splitlines())
         assert values == PRODUCTION_SYSCTLS, f"{node.name}: {values}"
