@@ -21,7 +21,7 @@ GIB = 1024 ** 3
 
 def base_volumes(image: ResolvedImage) -> dict[str, str]:
     """role -> volume name for the image's files (by image name: ``render`` knows it without a download)."""
-    tag = re.sub(r"[^A-Za-z0-9.-]", "-", image.name)
+    tag = re.sub(r"[^A-Za-z0-9.-]", "-", re.sub(r"\.qcow2$", "", image.name))
     if image.format == "kernel":
         return {"disk": f"base-{tag}-rootfs", "kernel": f"base-{tag}-vmlinuz", "initrd": f"base-{tag}-initrd"}
     return {"disk": f"base-{tag}.qcow2"}
