@@ -60,8 +60,11 @@ libvirtd:
 image: sysdeps-test
 	bash images/offline/build.sh
 
+# Against the lab's kubeconfig (.lab/<name>/kubeconfig) by default; KUBECONFIG or --kubeconfig for any cluster.
 conformance: venv
-	$(PY) -m pytest conformance --lab $(LAB) $(PYTEST_ARGS)
+	@mkdir -p results
+	$(PY) -m pytest conformance --lab $(LAB) -n 4 --dist loadgroup -o timeout=1800 \
+	  --junitxml results/junit.xml $(PYTEST_ARGS)
 
 # Everything our tests need, then every test: unit, libvirt test driver, real kernel netns, real VMs (TCG).
 test: sysdeps-test venv image

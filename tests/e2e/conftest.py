@@ -35,7 +35,9 @@ def state_dir(tmp_path_factory):
 def up(lab, state_dir):
     """One `lab up` for the session; `lab down` always runs at the end."""
     leftovers = [d for d in virsh("list", "--all", "--name").split() if d.startswith(f"{lab.name}-")]
-    assert not leftovers, f"domains of lab {lab.name} exist before the test: {leftovers}; run lab down first"
+    if leftovers:  # an interrupted earlier run: clear it the way a user would, through `lab down`
+        print(f"leftover domains of lab {lab.name}: {leftovers}; removing them with lab down")
+        assert lab_cli(state_dir, "down", "-c", str(SPEC)).returncode == 0
     proc = lab_cli(state_dir, "up", "-c", str(SPEC))
     try:
         assert proc.returncode == 0, f"lab up failed:\n{proc.stderr[-4000:]}"
