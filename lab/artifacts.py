@@ -20,7 +20,7 @@ from lab.spec import Lab
 from lab.remote.host import new_client_key
 from lab.state import LabState, write_private
 from lab.virt import seed
-from lab.virt.hypervisor import local_accel
+from lab.virt.accel import local_accel
 from lab.virt.xml import domain_xml, network_xml, pool_xml
 
 

@@ -19,8 +19,8 @@ def init_failure(node: str, result, log_path) -> RemoteError:
     """kubeadm's own last lines, where the full output is, and the next command to run."""
     return RemoteError(f"{node}: kubeadm init failed (exit {result.rc}); its last lines:\n{result.tail(15)}\n"
                        f"full output: {log_path}",
-                       hint=f"kubelet and containerd journals are in the logs (lab logs); fix and run `lab up` "
-                            f"again (it resets the half-initialised control plane first)")
+                       hint="kubelet and containerd journals are in the logs (lab logs); fix and run `lab up` "
+                            "again (it resets the half-initialised control plane first)")
 
 
 class Kubeadm(Phase):

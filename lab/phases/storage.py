@@ -91,7 +91,7 @@ class Storage(Phase):
                            f"-> {ctx.image.sha256[:12]}...); the nodes' disks are overlays on the old one",
                            hint="run `lab down` and `lab up` to rebuild the lab on the new image")
         ctx.state.set_in("created", "base_sha256", ctx.image.sha256)
-        disk = self._upload_file(ctx, pool, names["disk"], ctx.image.disk)
+        self._upload_file(ctx, pool, names["disk"], ctx.image.disk)
         if ctx.image.format == "kernel":
             self._upload_file(ctx, pool, names["kernel"], ctx.image.kernel)
             self._upload_file(ctx, pool, names["initrd"], ctx.image.initrd)

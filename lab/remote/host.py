@@ -142,7 +142,7 @@ class ParamikoHost(Host):
         except TRANSPORT_ERRORS as exc:
             raise WaitTimeout(f"{self.name}: SSH on {self.address}:{self.port} did not accept our key within "
                               f"{deadline_s:.0f}s (last error: {exc or type(exc).__name__})",
-                              hint=f"see the serial console: lab logs; or raise timeouts.ssh") from None
+                              hint="see the serial console: lab logs; or raise timeouts.ssh") from None
 
     def _exec(self, line: str, timeout: float | None, input: str | None) -> CommandResult:
         if self._client is None:

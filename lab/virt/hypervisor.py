@@ -23,7 +23,6 @@ import libvirt
 
 from lab.errors import VirtError
 from lab.virt.accel import AccelFacts, cpuinfo_flags, open_kvm_device, decide_accel, is_local_uri
-from lab.virt.accel import local_accel  # noqa: F401  (re-exported for ``lab render``)
 from lab.virt.xml import dhcp_host_xml, parse_owner
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions; no stderr noise

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import paramiko
-import pycdlib
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lab.remote.host import new_client_key
+from lab.virt.seed import build_seed_iso
 
 pytestmark = pytest.mark.e2e
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused connections while booting are expected
@@ -30,25 +30,6 @@ IMAGE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "
 MAC = "52:54:00:6b:76:01"
 USER = "kvmlab"
 BOOT_DEADLINE_S = float(os.environ.get("KVMLAB_BOOT_DEADLINE", "420"))
-
-
-def _ed25519_pair() -> tuple[str, str]:
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
-    return private, public
-
-
-def _seed_iso(path: Path, files: dict[str, str]) -> None:
-    iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
-    for i, (name, text) in enumerate(files.items()):
-        data = text.encode()
-        iso.add_fp(io.BytesIO(data), len(data), f"/F{i}.;1", rr_name=name, joliet_path=f"/{name}")
-    iso.write(str(path))
-    iso.close()
 
 
 def _free_port() -> int:
@@ -95,8 +76,8 @@ def test_offline_image_boots_to_cloud_init_and_ssh(image: dict, tmp_path: Path) 
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                     "-b", str(IMAGE_DIR / image["rootfs"]), str(overlay), "4G"], check=True)
 
-    host_priv, host_pub = _ed25519_pair()
-    client_priv, client_pub = _ed25519_pair()
+    host_priv, host_pub = new_client_key()  # any ed25519 pair in OpenSSH form
+    client_priv, client_pub = new_client_key()
     client_key = paramiko.Ed25519Key.from_private_key(io.StringIO(client_priv))
     user_data = "#cloud-config\n" + json.dumps({
         "users": [{"name": USER, "shell": "/bin/bash", "sudo": "ALL=(ALL) NOPASSWD:ALL",
@@ -107,8 +88,8 @@ def test_offline_image_boots_to_cloud_init_and_ssh(image: dict, tmp_path: Path) 
     network_config = json.dumps({"version": 2, "ethernets": {
         "lan0": {"match": {"macaddress": MAC}, "dhcp4": True}}}) + "\n"
     seed = tmp_path / "seed.iso"
-    _seed_iso(seed, {"user-data": user_data, "meta-data": "instance-id: offline-image-test\n"
-                     "local-hostname: offline-test\n", "network-config": network_config})
+    seed.write_bytes(build_seed_iso(user_data, "instance-id: offline-image-test\nlocal-hostname: offline-test\n",
+                                    network_config))
 
     port = _free_port()
     console = tmp_path / "console.log"

@@ -43,8 +43,8 @@ def service(up, lab, state_dir):
                            f"--backlog 4096 >/tmp/serve.log 2>&1 < /dev/null &")
     server.run("sh", "-c", "for i in $(seq 1 60); do [ -s /tmp/ready ] && exit 0; sleep 1; done; "
                            "cat /tmp/serve.log; exit 1")
-    ruleset = (f"table ip labsvc {{ chain out {{ type nat hook output priority -100; "
-               f"ip daddr {SERVICE_IP} tcp dport {SERVICE_PORT} dnat to {backend}:{BACKEND_PORT}; }} }}")
+    ruleset = (f"table ip labsvc {{\n  chain out {{\n    type nat hook output priority -100; policy accept;\n"
+               f"    ip daddr {SERVICE_IP} tcp dport {SERVICE_PORT} dnat to {backend}:{BACKEND_PORT}\n  }}\n}}\n")
     client.run("nft", "-f", "-", sudo=True, input=ruleset)
     yield client
     client.run("nft", "delete", "table", "ip", "labsvc", sudo=True, check=False)
