@@ -11,6 +11,8 @@ Usage: python bench/provision.py [--e2e] [--repeat N]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lab.cli import main as lab_main  # noqa: E402
+from lab.pipeline import phase_names, up_phases  # noqa: E402
 
 
 def spec_for(n: int, image: Path, name: str) -> dict:
@@ -41,10 +44,11 @@ def overhead(nodes: int, repeat: int, work: Path, image: Path) -> dict:
     spec.write_text(yaml.safe_dump(spec_for(nodes, image, f"bench{nodes}")))
     ups, downs = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        assert lab_main(["up", "-q", "-c", str(spec), "--until", "nodes"]) == 0
-        t1 = time.perf_counter()
-        assert lab_main(["down", "-c", str(spec)]) == 0
+        with contextlib.redirect_stderr(io.StringIO()):  # progress and the test driver's warnings
+            t0 = time.perf_counter()
+            assert lab_main(["up", "-q", "-c", str(spec), "--until", "nodes"]) == 0
+            t1 = time.perf_counter()
+            assert lab_main(["down", "-c", str(spec)]) == 0
         ups.append(t1 - t0)
         downs.append(time.perf_counter() - t1)
     return {"nodes": nodes, "up_s": statistics.median(ups), "down_s": statistics.median(downs)}
@@ -77,7 +81,9 @@ def main() -> int:
         data = json.loads(record.read_text())
         print(f"\ne2e wall time per phase ({data.get('spec')}, {data.get('virt_type')}, recorded "
               f"{data.get('recorded_at')}):")
-        for name, entry in data["phases"].items():
+        order = [*phase_names(up_phases()), "_total"]
+        for name in sorted(data["phases"], key=lambda n: order.index(n) if n in order else len(order)):
+            entry = data["phases"][name]
             print(f"  {name:<11} {entry['status']:<9} {entry['seconds']:>8.1f}s")
     else:
         print("\nno e2e record yet: run `make test` (or this script with --e2e) to produce results/e2e-phases.json")
