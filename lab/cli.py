@@ -61,6 +61,20 @@ def _collect_after_failure(ctx: Context) -> None:
         err.print(f"[yellow]could not collect logs: {escape(str(exc))}[/yellow]")
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from lab.phases.preflight import check_host, format_problems
+
+    ctx = _context(args)
+    try:
+        problems = check_host(ctx)
+    finally:
+        ctx.close()
+    if problems:
+        raise LabError(format_problems(ctx.lab.name, problems), hint="fix the problems above; nothing was created")
+    err.print(f"[green]this host is ready for lab {ctx.lab.name}[/green] (domain type {ctx.virt_type})")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     ctx = _context(args)
     err.print(f"[bold]lab down[/bold] {ctx.lab.name} on {ctx.lab.libvirt.uri}")
@@ -169,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="stop after this phase")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_up)
+    sub.add_parser("preflight", parents=[common], help="check that this host is fit for the lab; creates nothing"
+                   ).set_defaults(func=cmd_preflight)
     sub.add_parser("down", parents=[common], help="remove everything the lab created").set_defaults(func=cmd_down)
     p = sub.add_parser("status", parents=[common], help="VMs, network and cluster state")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")

@@ -350,3 +350,36 @@ def test_unreachable_libvirt_still_reports_host_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(pf, "check_forward", lambda c: None)
     checks = [p.check for p in pf.check_host(ctx)]
     assert checks == ["libvirt", "disk"]
+
+
+# ---------------------------------------------------------------------------------------------- `lab preflight`
+
+
+def _spec_file(tmp_path, **libvirt) -> str:
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": f"p{uuid.uuid4().hex[:8]}", "network": {"cidr": "10.89.0.0/24"}, "kubernetes": {"enabled": False},
+        "libvirt": {"uri": "test:///default", "poolPath": str(tmp_path / "pool"), **libvirt},
+        "nodes": [{"name": "cp1", "role": "control-plane", "cpus": 1, "memory": 1024}]}))
+    return str(path)
+
+
+def test_lab_preflight_command_lists_problems_exit_1_and_creates_nothing(tmp_path, capsys):
+    from lab.cli import main
+
+    rc = main(["preflight", "-c", _spec_file(tmp_path, accel="kvm"), "--state-dir", str(tmp_path / "state")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "this host is not ready for lab" in err and "kvm:" in err and "fix:" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_lab_preflight_command_passes_exit_0(tmp_path, capsys):
+    from lab.cli import main
+
+    rc = main(["preflight", "-c", _spec_file(tmp_path, accel="tcg"), "--state-dir", str(tmp_path / "state")])
+    assert rc == 0
+    assert "this host is ready for lab" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
