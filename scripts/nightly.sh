@@ -88,6 +88,7 @@ LAB_PREFIX=()
 # shellcheck disable=SC2206
 [[ -n "${LAB_WRAP:-}" ]] && LAB_PREFIX+=($LAB_WRAP)
 
+# shellcheck disable=SC2317  # invoked by the traps below
 on_signal() {
     local sig=$1
     if (( IN_CLEANUP )); then
@@ -123,8 +124,13 @@ run() {
     while kill -0 "$CHILD" 2>/dev/null; do
         if [[ -n "$SIGNAL" ]] && (( ! IN_CLEANUP )); then
             waited=$((waited + 1))
-            (( waited == grace )) && kill -TERM -- "-$CHILD" 2>/dev/null
-            (( waited == grace + 15 )) && kill -KILL -- "-$CHILD" 2>/dev/null
+            if (( waited == grace )); then
+                say "$name still running ${grace}s after SIGINT: sending SIGTERM"
+                kill -TERM -- "-$CHILD" 2>/dev/null
+            elif (( waited == grace + 15 )); then
+                say "$name still running after SIGTERM: sending SIGKILL"
+                kill -KILL -- "-$CHILD" 2>/dev/null
+            fi
         fi
         sleep 1 & wait $! 2>/dev/null   # an interruptible sleep: the trap runs at once
     done
@@ -223,7 +229,7 @@ if [[ "${NIGHTLY_PRECLEAN:-1}" == 1 ]]; then
     STAGE=preclean
     run preclean "$CONSOLE/preclean.log" "${NIGHTLY_DOWN_TIMEOUT:-900}" "${LABX[@]}" down -c "$SPEC" \
         || verdict 3 "FAILED at provisioning: removing a leftover lab $LAB_NAME failed (lab down exit ${RC_OF[preclean]}): $(first_error "$CONSOLE/preclean.log")"
-    [[ -n "$SIGNAL" ]] && verdict $([[ $SIGNAL == TERM ]] && echo 143 || echo 130) "INTERRUPTED by SIG$SIGNAL before lab up"
+    [[ -n "$SIGNAL" ]] && verdict "$([[ $SIGNAL == TERM ]] && echo 143 || echo 130)" "INTERRUPTED by SIG$SIGNAL before lab up"
 fi
 
 STAGE=provisioning
