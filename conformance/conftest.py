@@ -65,15 +65,17 @@ def _settings(config) -> Settings:
     opt = config.getoption
     lab = None
     if opt("--lab"):
-        from lab.spec import load_lab
         from lab.errors import LabError
+        from lab.spec import load_lab
         try:
             lab = load_lab(opt("--lab"))
         except LabError as exc:
             raise pytest.UsageError(str(exc)) from None
     kubeconfig = opt("--kubeconfig")
     if not kubeconfig and lab is not None:
-        kubeconfig = str(Path(".lab") / lab.name / "kubeconfig")
+        from lab.state import LabState
+
+        kubeconfig = str(LabState(lab.name).kubeconfig)  # honours LAB_STATE_DIR like `lab` does
     if not kubeconfig:
         kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
     if not kubeconfig and (Path.home() / ".kube" / "config").is_file():

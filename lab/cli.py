@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: run the same command again to continue where it stopped")
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # node workers may still sit in a blocking SSH read: do not wait for them
 
 
 if __name__ == "__main__":

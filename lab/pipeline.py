@@ -6,16 +6,18 @@ inputs from the Context, never from module globals. The full ordered lists live 
 """
 from __future__ import annotations
 
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from rich.console import Console
 from rich.markup import escape
 
-from lab.errors import LabError, PhaseError
+from lab.errors import LabError, PhaseError, RemoteError
 from lab.spec import Lab
 from lab.state import LabState
 
@@ -66,6 +68,7 @@ class Context:
     hosts: dict[str, "Host"] = field(default_factory=dict)
     image: "ResolvedImage | None" = None
     virt_type: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: node workers stop waiting
     _hv: "Hypervisor | None" = None
 
     @property
@@ -85,7 +88,8 @@ class Context:
             if not record or not record.get("ip"):
                 raise LabError(f"node {node} has no recorded address", hint="run `lab up` first")
             self.hosts[node] = ParamikoHost(node, record["ip"], self.lab.ssh.user, self.state.ssh_key,
-                                            record["host_key"], default_timeout=self.lab.timeouts.command)
+                                            record["host_key"], default_timeout=self.lab.timeouts.command,
+                                            cancel=self.cancel)
         return self.hosts[node]
 
     def close(self) -> None:
@@ -95,6 +99,33 @@ class Context:
         if self._hv is not None:
             self._hv.close()
             self._hv = None
+
+
+def run_on_nodes(names: list[str], work: Callable[[str], None], cancel: threading.Event | None = None) -> None:
+    """Run ``work(name)`` for every node concurrently; raise one error listing every node that failed.
+
+    Ctrl-C is not held up by the workers' own deadlines: the main thread stops waiting at once, sets
+    ``cancel`` (the workers' waits watch it) and re-raises."""
+    if not names:
+        return
+    pool = ThreadPoolExecutor(max_workers=len(names))
+    futures = {name: pool.submit(work, name) for name in names}
+    try:
+        wait(futures.values())
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    failures = [(name, fut.exception()) for name, fut in futures.items() if fut.exception() is not None]
+    if not failures:
+        return
+    if len(failures) == 1:
+        raise failures[0][1]
+    text = "\n".join(f"- {name}: {getattr(exc, 'message', str(exc))}" for name, exc in failures)
+    hint = next((exc.hint for _, exc in failures if isinstance(exc, LabError) and exc.hint), None)
+    raise RemoteError(f"{len(failures)} of {len(names)} node(s) failed:\n{text}", hint=hint)
 
 
 class Phase:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every test suite of the project. No test run (pytest exit 5) is a failure, not a pass.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 mkdir -p results
 .venv/bin/python -m pytest tests -p no:cacheprovider -ra --durations=15 \
   --junitxml=results/tests-junit.xml "$@"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import yaml
@@ -94,27 +93,6 @@ def retry_command(host: "Host", cmd: str, *args: str, what: str, deadline_s: flo
         time.sleep(interval)
         if before_retry:
             before_retry()
-
-
-def run_on_nodes(names: list[str], work: Callable[[str], None]) -> None:
-    """Run ``work(name)`` for every node concurrently; raise one error listing every node that failed."""
-    if not names:
-        return
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        futures = {name: pool.submit(work, name) for name in names}
-    failures = []
-    for name, fut in futures.items():
-        exc = fut.exception()
-        if exc is not None:
-            failures.append((name, exc))
-    if not failures:
-        return
-    first = failures[0][1]
-    if len(failures) == 1 and isinstance(first, LabError):
-        raise first
-    text = "\n".join(f"- {name}: {getattr(exc, 'message', str(exc))}" for name, exc in failures)
-    hint = next((exc.hint for _, exc in failures if isinstance(exc, LabError) and exc.hint), None)
-    raise RemoteError(f"{len(failures)} of {len(names)} node(s) failed:\n{text}", hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------- nodes

@@ -5,9 +5,9 @@ import re
 from typing import TYPE_CHECKING
 
 from lab.errors import LabError
-from lab.phases.cluster import (cp_host, kubectl, matches_any, retry_command, run_on_nodes, save_journals,
+from lab.phases.cluster import (cp_host, kubectl, matches_any, retry_command, save_journals,
                                 skip_without_kubernetes)
-from lab.pipeline import Phase
+from lab.pipeline import Phase, run_on_nodes
 from lab.render.kubeadm import join_configuration
 
 if TYPE_CHECKING:
@@ -76,4 +76,4 @@ class Join(Phase):
             ctx.log.info(f"{name}: joined")
 
         ctx.log.info(f"joining {', '.join(hosts)} concurrently (each ≤ {lab.timeouts.join}s)")
-        run_on_nodes(list(hosts), join)
+        run_on_nodes(list(hosts), join, ctx.cancel)

@@ -1,11 +1,9 @@
 """Nodes: one domain per node, defined and started concurrently."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from lab.errors import LabError
 from lab.phases.storage import base_volumes, node_volumes
-from lab.pipeline import Context, Phase
+from lab.pipeline import Context, Phase, run_on_nodes
 from lab.spec import Lab, NodeSpec
 from lab.virt.xml import domain_xml
 
@@ -41,6 +39,5 @@ class Nodes(Phase):
         return f"{name} started ({ctx.virt_type}, {node.cpus} vCPU, {node.memory} MiB)"
 
     def run(self, ctx: Context) -> None:
-        with ThreadPoolExecutor(max_workers=len(ctx.lab.nodes)) as pool:
-            for line in pool.map(lambda n: self._start(ctx, n), ctx.lab.nodes):
-                ctx.log.info(line)
+        run_on_nodes([n.name for n in ctx.lab.nodes], lambda n: ctx.log.info(self._start(ctx, ctx.lab.node(n))),
+                     ctx.cancel)

@@ -12,8 +12,7 @@ import tomllib
 from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
-from lab.phases.cluster import run_on_nodes
-from lab.pipeline import Phase
+from lab.pipeline import Phase, run_on_nodes
 from lab.spec import K8S_VERSION
 
 if TYPE_CHECKING:
@@ -194,7 +193,7 @@ class Runtime(Phase):
             ctx.log.info(f"{name}: containerd ready (SystemdCgroup, {SANDBOX_IMAGE}), swap off"
                          + (f", kubeadm {k8s_minor(lab)} held" if lab.kubernetes.enabled else ""))
 
-        run_on_nodes(list(hosts), prepare)
+        run_on_nodes(list(hosts), prepare, ctx.cancel)
 
 
 def swap_off(host: "Host") -> None:

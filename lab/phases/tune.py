@@ -1,10 +1,8 @@
 """Tune: kernel modules and sysctls written to the node, applied, then every value read back."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from lab.errors import RemoteError
-from lab.pipeline import Context, Phase
+from lab.pipeline import Context, Phase, run_on_nodes
 from lab.remote.host import Host
 from lab.render.tuning import MODULES_PATH, SYSCTL_PATH, modules_conf, normalize, sysctl_conf
 
@@ -62,8 +60,9 @@ class Tune(Phase):
 
     def run(self, ctx: Context) -> None:
         nodes = [n.name for n in ctx.lab.nodes]
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            rows = [row for rows in pool.map(lambda n: self._apply(ctx, n), nodes) for row in rows]
+        found: dict[str, list] = {}
+        run_on_nodes(nodes, lambda n: found.__setitem__(n, self._apply(ctx, n)), ctx.cancel)
+        rows = [row for n in nodes for row in found[n]]
         if rows:
             raise RemoteError("tuning did not take effect on every node:\n" + mismatch_table(rows),
                               hint="check that the kernel knows each sysctl (module loaded?) and that no other "

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lab.errors import RemoteError, WaitTimeout
 from lab.phases.nodes import console_log_path
-from lab.pipeline import Context, Phase
+from lab.pipeline import Context, Phase, run_on_nodes
 from lab.spec import NodeSpec
 from lab.state import write_private
 
@@ -44,7 +43,8 @@ def wait_ip(ctx: Context, node: NodeSpec) -> str:
             raise WaitTimeout(f"{node.name}: no IP address for MAC {mac} within {ctx.lab.timeouts.boot}s "
                               f"(timeouts.boot){errors}; last console lines:\n{console_tail(ctx, node)}",
                               hint="check the network's DHCP (virsh net-dhcp-leases) and the console: lab logs")
-        time.sleep(POLL)
+        if ctx.cancel.wait(POLL):
+            raise WaitTimeout(f"{node.name}: stopped waiting for an IP (interrupted)")
 
 
 def wait_cloud_init(ctx: Context, node: NodeSpec) -> None:
@@ -97,6 +97,5 @@ class Wait(Phase):
         return True
 
     def run(self, ctx: Context) -> None:
-        with ThreadPoolExecutor(max_workers=len(ctx.lab.nodes)) as pool:
-            for line in pool.map(lambda n: wait_node(ctx, n), ctx.lab.nodes):
-                ctx.log.info(line)
+        run_on_nodes([n.name for n in ctx.lab.nodes], lambda n: ctx.log.info(wait_node(ctx, ctx.lab.node(n))),
+                     ctx.cancel)

@@ -8,12 +8,13 @@ import base64
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_exponential
 
 from lab.errors import RemoteError, WaitTimeout
 
@@ -95,7 +96,7 @@ class ParamikoHost(Host):
     """SSH to a node with our key; the node's host key must equal the pinned one."""
 
     def __init__(self, name: str, address: str, user: str, key_path: Path, host_key_line: str,
-                 port: int = 22, default_timeout: float = 600):
+                 port: int = 22, default_timeout: float = 600, cancel: threading.Event | None = None):
         self.name = name
         self.address = address
         self.user = user
@@ -103,6 +104,7 @@ class ParamikoHost(Host):
         self.key_path = Path(key_path)
         self.host_key_line = host_key_line  # "ssh-ed25519 AAAA..."
         self.default_timeout = default_timeout
+        self.cancel = cancel or threading.Event()  # set by the caller on Ctrl-C: waits stop retrying
         self._client: paramiko.SSHClient | None = None
 
     def _pinned_client(self) -> paramiko.SSHClient:
@@ -136,7 +138,8 @@ class ParamikoHost(Host):
         start = time.monotonic()
         try:
             for attempt in Retrying(retry=retry_if_exception_type(TRANSPORT_ERRORS), reraise=True,
-                                    stop=stop_after_delay(deadline_s), wait=wait_exponential(min=1, max=5)):
+                                    stop=stop_after_delay(deadline_s) | stop_when_event_set(self.cancel),
+                                    wait=wait_exponential(min=1, max=5)):
                 with attempt:
                     self.connect(timeout=min(15, max(1.0, deadline_s - (time.monotonic() - start))))
         except TRANSPORT_ERRORS as exc:

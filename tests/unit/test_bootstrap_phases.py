@@ -22,6 +22,7 @@ from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
 from lab.phases.ready import Ready, kpr_mode
 from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
                                 fstab_without_swap, k8s_repo_line)
+from lab import pipeline
 from lab.pipeline import Context, Log, phase_names, run_phases, up_phases
 from lab.remote.host import CommandResult, LocalHost
 from lab.spec import load_lab, parse_lab
@@ -217,7 +218,7 @@ def test_wait_for_does_not_swallow_lab_errors():
 
 def test_run_on_nodes_is_concurrent_and_reports_every_failure():
     start = time.monotonic()
-    cluster.run_on_nodes(["a", "b", "c"], lambda n: time.sleep(0.5))
+    pipeline.run_on_nodes(["a", "b", "c"], lambda n: time.sleep(0.5))
     assert time.monotonic() - start < 1.2
 
     def work(name):
@@ -225,7 +226,7 @@ def test_run_on_nodes_is_concurrent_and_reports_every_failure():
             raise RemoteError(f"{name} broke", hint="fix it")
 
     with pytest.raises(RemoteError) as err:
-        cluster.run_on_nodes(["a", "b", "c"], work)
+        pipeline.run_on_nodes(["a", "b", "c"], work)
     assert "2 of 3" in err.value.message and "b broke" in err.value.message and "c broke" in err.value.message
 
 
