@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +49,10 @@ def up(lab, state_dir):
 
 
 def pytest_collection_modifyitems(items):
-    """`lab down` is tested last, after every test that needs the running lab."""
-    last = [i for i in items if i.name == "test_down_leaves_nothing"]
-    for item in last:
+    """`lab down` is tested right after the last end-to-end test: every test that needs the running lab has
+    run, and the lab's VMs do not keep running under the suites collected after tests/e2e."""
+    here = Path(__file__).parent
+    for item in [i for i in items if i.name == "test_down_leaves_nothing"]:
         items.remove(item)
-        items.append(item)
+        last_e2e = max(n for n, i in enumerate(items) if here in Path(str(i.fspath)).parents)
+        items.insert(last_e2e + 1, item)
