@@ -13,7 +13,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -147,6 +148,22 @@ def wait_until(what: str, seconds: float, check: Callable[[], tuple[bool, object
 
 
 # ---------------------------------------------------------------------------------------------- exec
+
+
+T = TypeVar("T")
+
+
+def in_parallel(calls: list[Callable[[], T]]) -> list[T]:
+    """Run every call at the same time (probes that must overlap, e.g. load held from several pods); return
+    their results in order. Every call finishes before the first error, if any, is raised."""
+    if not calls:
+        return []
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return [f.result() for f in futures]
 
 
 @dataclass

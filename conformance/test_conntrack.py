@@ -50,23 +50,13 @@ def connections(settings, clients: int) -> int:
 def run_load(cluster, ns, clients: dict, address: str, total: int, hold: float) -> list[dict]:
     """Split ``total`` over the client pods; all hold at the same time."""
     share = [total // len(clients) + (1 if i < total % len(clients) else 0) for i in range(len(clients))]
-    results, errors = [], []
 
     def one(pod, n):
-        try:
-            results.append(cluster.netprobe(ns, pod, ["load", "--to", address, "--connections", str(n),
-                                                      "--rate", "5000", "--hold", str(hold), "--timeout", "5"],
-                                            timeout=hold + n / 1000 + 120))
-        except Exception as exc:
-            errors.append(exc)
-    threads = [threading.Thread(target=one, args=(pod, n)) for (pod, _), n in zip(clients.values(), share) if n]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+        return cluster.netprobe(ns, pod, ["load", "--to", address, "--connections", str(n), "--rate", "5000",
+                                          "--hold", str(hold), "--timeout", "5"], timeout=hold + n / 1000 + 120)
+
+    return k8s.in_parallel([lambda pod=pod, n=n: one(pod, n)
+                            for (pod, _), n in zip(clients.values(), share) if n])
 
 
 def bpf_ct_headroom(kube, cluster) -> dict[str, float]:

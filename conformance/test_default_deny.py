@@ -9,7 +9,6 @@ prints both tables with the differing cells marked.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -121,30 +120,22 @@ def expected(world: World, applied: list[dict]) -> TruthTable:
 
 
 def observe(cluster, world: World) -> TruthTable:
-    results, errors = {}, []
+    results = {}
     dns_udp = Target("kube-system/kube-dns", 53, "UDP")
 
     def probe(source, ns, pod):
-        try:
-            args = ["connect", "--timeout", "2", "--parallel", "64"]
-            for t in world.targets:
-                if t != dns_udp and t.id != source:
-                    args += ["--to", f"{world.address_of[t]}/{t.proto.lower()}"]
-            out = cluster.netprobe(ns, pod, args, timeout=60)
-            dns = cluster.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
-            if dns.rc != 0:
-                raise k8s.ProbeFailed(f"DNS probe in {ns}/{pod} failed (exit {dns.rc}): {dns.stderr[:200]}")
-            results[source] = out + json.loads(dns.stdout)
-        except Exception as exc:  # collected; the whole observation then counts as a transport failure
-            errors.append(exc)
+        args = ["connect", "--timeout", "2", "--parallel", "64"]
+        for t in world.targets:
+            if t != dns_udp and t.id != source:
+                args += ["--to", f"{world.address_of[t]}/{t.proto.lower()}"]
+        out = cluster.netprobe(ns, pod, args, timeout=60)
+        dns = cluster.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
+        if dns.rc != 0:
+            raise k8s.ProbeFailed(f"DNS probe in {ns}/{pod} failed (exit {dns.rc}): {dns.stderr[:200]}")
+        results[source] = out + json.loads(dns.stdout)
 
-    threads = [threading.Thread(target=probe, args=(s, ns, pod)) for s, (ns, pod) in world.sources.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    # any error fails the whole observation (a transport failure), after every probe has finished
+    k8s.in_parallel([lambda s=s, ns=ns, pod=pod: probe(s, ns, pod) for s, (ns, pod) in world.sources.items()])
     return observed_table(list(world.sources), world.targets, results, world.address_of)
 
 
