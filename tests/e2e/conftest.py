@@ -4,15 +4,13 @@
 """
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lab.spec import load_lab
 
-from labrun import NETNS, ROOT, SPEC, lab_cli, virsh  # noqa: E402
+from labrun import SPEC, lab_cli, require_root_and_libvirtd, virsh  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +20,7 @@ def lab():
 
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("the end-to-end tests need root (network namespaces, libvirtd); run `make test` as root")
-    check = subprocess.run(["bash", str(ROOT / "scripts/libvirtd-netns.sh"), "status"], capture_output=True,
-                           text=True)
-    if check.returncode != 0:
-        pytest.fail(f"libvirtd is not running inside netns {NETNS}: {check.stdout}{check.stderr}\n"
-                    "start it with: bash scripts/libvirtd-netns.sh start")
+    require_root_and_libvirtd("the end-to-end tests")
     return tmp_path_factory.mktemp("lab-state")
 
 

@@ -51,3 +51,16 @@ class NetnsSsh(Host):
         proc = lab_cli(self.state_dir, "ssh", "-c", str(SPEC), self.name, "--", line, timeout=timeout or 600,
                        input=input)
         return CommandResult(line, proc.returncode, proc.stdout, proc.stderr)
+
+
+def require_root_and_libvirtd(what: str) -> None:
+    """Fail loudly (never skip) when the end-to-end tests cannot run here."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.fail(f"{what} need root (network namespaces, libvirtd); run `make test` as root")
+    check = subprocess.run(["bash", str(ROOT / "scripts/libvirtd-netns.sh"), "status"], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        pytest.fail(f"libvirtd is not running inside netns {NETNS}: {check.stdout}{check.stderr}\n"
+                    "start it with: bash scripts/libvirtd-netns.sh start")

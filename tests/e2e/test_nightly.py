@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labrun import NETNS, ROOT, SPEC, virsh
+from labrun import NETNS, ROOT, SPEC, require_root_and_libvirtd, virsh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -31,13 +31,7 @@ SCRIPT = ROOT / "scripts" / "nightly.sh"
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """Root and libvirtd inside labns, or a loud failure; a scratch state root for these labs."""
-    if os.geteuid() != 0:
-        pytest.fail("the nightly end-to-end tests need root (network namespaces, libvirtd); run `make test` as root")
-    check = subprocess.run(["bash", str(ROOT / "scripts/libvirtd-netns.sh"), "status"], capture_output=True,
-                           text=True)
-    if check.returncode != 0:
-        pytest.fail(f"libvirtd is not running inside netns {NETNS}: {check.stdout}{check.stderr}\n"
-                    "start it with: bash scripts/libvirtd-netns.sh start")
+    require_root_and_libvirtd("the nightly end-to-end tests")
     return tmp_path_factory.mktemp("nightly")
 
 
