@@ -21,6 +21,7 @@ from typing import Callable
 
 from lab.errors import LabError, VirtError
 from lab.pipeline import Context, Phase
+from lab.virt.xml import parse_owner
 
 GIB = 1024 ** 3
 
@@ -354,6 +355,28 @@ def check_forward(ctx: Context, facts: Callable[[], FirewallFacts] | None = None
 # ---------------------------------------------------------------------------------------------- the phase
 
 
+def check_names_free(ctx: Context) -> Problem | None:
+    """Our domain and network names must be free or already ours. Names can collide across labs (lab `a` with
+    node `b-cp1` and lab `a-b` with node `cp1` both make domain `a-b-cp1`), and a hand-made object may sit there."""
+    def owner_of(xml: str) -> str:
+        owner = parse_owner(xml)
+        return f"lab {owner[0]}" if owner else "nobody (made outside lab)"
+
+    clashes = []
+    for node in ctx.lab.nodes:
+        name = ctx.lab.domain_name(node)
+        dom = ctx.hv.domain(name)
+        if dom is not None and parse_owner(dom.XMLDesc(0)) != (ctx.lab.name, node.name):
+            clashes.append(f"domain {name} belongs to {owner_of(dom.XMLDesc(0))}")
+    net = ctx.hv.network(ctx.lab.network_name) if ctx.lab.network.mode != "bridge" else None
+    if net is not None and (parse_owner(net.XMLDesc(0)) or ("",))[0] != ctx.lab.name:
+        clashes.append(f"network {ctx.lab.network_name} belongs to {owner_of(net.XMLDesc(0))}")
+    if clashes:
+        return Problem("names", "; ".join(clashes),
+                       "rename this lab (name) or the node, or remove the other object if it is a leftover")
+    return None
+
+
 def _existing_domains(ctx: Context) -> list[str]:
     return [ctx.lab.domain_name(n) for n in ctx.lab.nodes if ctx.hv.domain(ctx.lab.domain_name(n)) is not None]
 
@@ -365,7 +388,8 @@ def check_host(ctx: Context) -> list[Problem]:
     if unreachable:
         problems = [unreachable, check_memory(ctx, running=set()) if local else None]
     else:
-        problems = [check_accel(ctx), check_cidr_free(ctx), check_bridge(ctx), check_memory(ctx) if local else None]
+        problems = [check_accel(ctx), check_names_free(ctx), check_cidr_free(ctx), check_bridge(ctx),
+                    check_memory(ctx) if local else None]
     if local:
         problems += [check_disk(ctx), check_forward(ctx)]
     return [p for p in problems if p]

@@ -383,3 +383,41 @@ def test_lab_preflight_command_passes_exit_0(tmp_path, capsys):
     assert rc == 0
     assert "this host is ready for lab" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def test_names_free_when_nothing_exists_or_it_is_ours(ctx):
+    assert pf.check_names_free(ctx) is None
+    from lab.virt.xml import network_xml
+    net, _ = ctx.hv.ensure_network(network_xml(ctx.lab))
+    try:
+        assert pf.check_names_free(ctx) is None
+    finally:
+        ctx.hv.remove_network(ctx.lab.network_name)
+
+
+def test_domain_of_another_lab_with_the_same_name_is_refused(tmp_path):
+    """lab `a` + node `b-cp1` and lab `a-b` + node `cp1` both make domain `a-b-cp1`."""
+    from lab.virt.xml import domain_xml
+    suffix = uuid.uuid4().hex[:6]
+    other = parse_lab({"name": f"x{suffix}-b", "kubernetes": {"enabled": False},
+                       "libvirt": {"uri": "test:///default"},
+                       "nodes": [{"name": "cp1", "role": "control-plane", "cpus": 1, "memory": 1024}]})
+    mine = parse_lab({"name": f"x{suffix}", "kubernetes": {"enabled": False}, "libvirt": {"uri": "test:///default"},
+                      "network": {"cidr": "10.90.0.0/24"},
+                      "nodes": [{"name": "b-cp1", "role": "control-plane", "cpus": 1, "memory": 1024}]})
+    assert other.domain_name("cp1") == mine.domain_name("b-cp1")
+    ctx = Context(lab=mine, state=LabState(mine.name, tmp_path / "state"), log=Log(None, quiet=True))
+    dom = ctx.hv.define_domain(domain_xml(other, other.nodes[0], virt_type="qemu", disk_path="/x.qcow2",
+                                          seed_path="/s.img", console_log="/c.log"))
+    try:
+        problem = pf.check_names_free(ctx)
+        assert problem is not None and problem.check == "names"
+        assert f"domain {mine.domain_name('b-cp1')} belongs to lab {other.name}" in problem.message
+        assert "rename this lab" in problem.fix
+        assert "names" in {p.check for p in pf.check_host(ctx)}
+    finally:
+        dom.undefine()
+        ctx.close()
