@@ -33,8 +33,10 @@ class Problem:
     fix: str
 
 
-def is_local_uri(uri: str) -> bool:
-    return uri.startswith(("qemu:///", "qemu+unix:///")) or uri in ("qemu:///system", "qemu:///session")
+def local_qemu(uri: str) -> bool:
+    """VMs will run on THIS machine (a local qemu URI), so its memory, disk and firewall matter. Unlike
+    lab.virt.accel.is_local_uri, libvirt's in-process test:///default driver does not count: it runs nothing."""
+    return uri.startswith(("qemu:///", "qemu+unix:///"))
 
 
 def _run(argv: list[str]) -> str:
@@ -150,7 +152,7 @@ def check_bridge(ctx: Context, bridge_kind: Callable[[str], str | None] | None =
         return None
     bridge = ctx.lab.bridge_name
     if bridge_kind is None:
-        if is_local_uri(ctx.lab.libvirt.uri):
+        if local_qemu(ctx.lab.libvirt.uri):
             bridge_kind = sysfs_bridge
         else:
             bridge_kind = lambda name: {True: "bridge", False: "missing"}.get(ctx.hv.host_interface(name))  # noqa
@@ -383,7 +385,7 @@ def _existing_domains(ctx: Context) -> list[str]:
 
 def check_host(ctx: Context) -> list[Problem]:
     """Every check; the libvirt-dependent ones only when libvirtd answers. Sets ``ctx.virt_type``."""
-    local = is_local_uri(ctx.lab.libvirt.uri)
+    local = local_qemu(ctx.lab.libvirt.uri)
     unreachable = check_libvirt(ctx)
     if unreachable:
         problems = [unreachable, check_memory(ctx, running=set()) if local else None]
