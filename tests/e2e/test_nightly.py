@@ -187,20 +187,26 @@ def test_full_night_left_nothing_behind(full_night):
 # ---------------------------------------------------------------------------------------------- interrupted nights
 
 
+def interrupt_night(host, spec: Path, label: str, up_line: str, sig: int, **env) -> tuple["Night", int]:
+    """Start a night, send ``sig`` once `lab up` has printed ``up_line``, wait for the script to end; the lab
+    is removed afterwards whatever happened (the assertions then judge what the script itself did)."""
+    night = Night(host, spec, label, **env)
+    try:
+        night.wait_for(night.artifacts / "console" / "up.log", up_line, timeout=600)
+        night.proc.send_signal(sig)
+        return night, night.finish()
+    finally:
+        if night.proc.poll() is None:
+            night.proc.kill()
+        remove_lab(host, spec)
+
+
 def test_sigterm_while_vms_boot_collects_logs_and_removes_the_lab(host):
     spec = spec_copy(host, "nightlyt", "10.234.0.0/24")
     remove_lab(host, spec)
     # `lab up` may not stop on the forwarded SIGINT while its wait threads run: the script then escalates to
     # SIGTERM after NIGHTLY_GRACE seconds (shortened here); either way the lab must be gone
-    night = Night(host, spec, "term", NIGHTLY_GRACE="20")
-    try:
-        night.wait_for(night.artifacts / "console" / "up.log", "✓ nodes", timeout=600)
-        night.proc.send_signal(signal.SIGTERM)
-        rc = night.finish()
-    finally:
-        if night.proc.poll() is None:
-            night.proc.kill()
-        remove_lab(host, spec)
+    night, rc = interrupt_night(host, spec, "term", "✓ nodes", signal.SIGTERM, NIGHTLY_GRACE="20")
     assert rc == 143, night.err.read_text()[-3000:]
     assert night.verdict.startswith("nightly: INTERRUPTED by SIGTERM during provisioning; logs collected and the lab "
                                     "removed")
@@ -218,15 +224,7 @@ def test_sigterm_while_vms_boot_collects_logs_and_removes_the_lab(host):
 def test_sigint_after_the_network_exists_removes_the_lab(host):
     spec = spec_copy(host, "nightlyi", "10.235.0.0/24")
     remove_lab(host, spec)
-    night = Night(host, spec, "int")
-    try:
-        night.wait_for(night.artifacts / "console" / "up.log", "✓ network", timeout=600)
-        night.proc.send_signal(signal.SIGINT)
-        rc = night.finish()
-    finally:
-        if night.proc.poll() is None:
-            night.proc.kill()
-        remove_lab(host, spec)
+    night, rc = interrupt_night(host, spec, "int", "✓ network", signal.SIGINT)
     assert rc == 130, night.err.read_text()[-3000:]
     assert night.verdict.startswith("nightly: INTERRUPTED by SIGINT during provisioning")
     assert "interrupted" in (night.artifacts / "console" / "up.log").read_text()
