@@ -99,19 +99,8 @@ class TruthTable:
     def get(self, source: str, target: Target):
         return self.cells.get((source, target))
 
-    def ids(self) -> list[str]:
-        return [cell_id(s, t) for s in self.sources for t in self.targets]
-
     def by_id(self) -> dict[str, object]:
         return {cell_id(s, t): self.cells.get((s, t)) for s in self.sources for t in self.targets}
-
-    @classmethod
-    def filled(cls, sources: Iterable[str], targets: Iterable[Target], value) -> "TruthTable":
-        table = cls(list(sources), list(targets))
-        for s in table.sources:
-            for t in table.targets:
-                table.cells[(s, t)] = value
-        return table
 
     def render(self, marks: Iterable[tuple[str, Target]] = ()) -> str:
         """A fixed-width grid; cells in ``marks`` are wrapped in ``*...*``."""

@@ -25,8 +25,7 @@ def _context(args: argparse.Namespace, log_name: str | None = None) -> Context:
     lab: Lab = load_lab(args.config)
     state = LabState(lab.name, args.state_dir)
     log_path = state.logs / f"{log_name}.log" if log_name else None
-    return Context(lab=lab, state=state, log=Log(log_path, quiet=getattr(args, "quiet", False)),
-                   spec_path=Path(args.config))
+    return Context(lab=lab, state=state, log=Log(log_path, quiet=getattr(args, "quiet", False)))
 
 
 # ---------------------------------------------------------------------------------------------- commands

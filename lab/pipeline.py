@@ -64,7 +64,6 @@ class Context:
     lab: Lab
     state: LabState
     log: Log
-    spec_path: Path | None = None
     hosts: dict[str, "Host"] = field(default_factory=dict)
     image: "ResolvedImage | None" = None
     virt_type: str | None = None

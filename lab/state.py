@@ -61,13 +61,6 @@ class LabState:
     def logs(self) -> Path:
         return self.dir / "logs"
 
-    @property
-    def rendered(self) -> Path:
-        return self.dir / "rendered"
-
-    def node_dir(self, node: str) -> Path:
-        return self.dir / "nodes" / node
-
     # ---- the JSON record
     def exists(self) -> bool:
         return self.file.exists()

@@ -165,9 +165,6 @@ def _verify_kubernetes_packages(run, lab: "Lab") -> list[str]:
 class Runtime(Phase):
     name = "runtime"
 
-    def skip_reason(self, ctx: "Context") -> str | None:
-        return None
-
     def done(self, ctx: "Context") -> bool:
         cp = ctx.lab.control_planes[0].name if ctx.lab.control_planes else None
         return all(not verify_runtime(ctx.host(n.name), ctx.lab, n.name == cp) for n in ctx.lab.nodes)

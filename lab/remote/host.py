@@ -173,10 +173,6 @@ class ParamikoHost(Host):
             self._client = None
 
 
-def load_private_key(path: Path) -> paramiko.PKey:
-    return paramiko.Ed25519Key.from_private_key_file(str(path))
-
-
 def new_client_key() -> tuple[str, str]:
     """A fresh ed25519 key pair for the lab: (OpenSSH private PEM, public line)."""
     from cryptography.hazmat.primitives import serialization
