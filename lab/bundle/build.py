@@ -1,0 +1,69 @@
+"""Find or build the bundle for the current recipe: ``<cache>/<recipe sha256>/``, verified, whole or absent."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from lab.bundle.manifest import BundleError, Manifest, verify
+from lab.bundle.recipe import cache_root, load_recipe, recipe_hash
+
+Producer = Literal["source", "release"]
+
+
+def bundle_dir(sha: str | None = None) -> Path:
+    """Where the bundle of the current recipe (or of recipe hash ``sha``) lives."""
+    if sha is None:
+        sha = recipe_hash(load_recipe())
+    return cache_root() / sha
+
+
+def current_bundle() -> tuple[Path, Manifest]:
+    """The verified bundle for the current recipe, or a BundleError that says how to build it."""
+    path = bundle_dir()
+    if not path.is_dir():
+        raise BundleError(f"no bundle for the current recipe at {path}",
+                          hint="build it: `make bundle` (or `lab bundle build`); a cold build from source takes "
+                               "about an hour on 2 cores")
+    return path, verify(path)
+
+
+def build_bundle(producer: Producer = "source", *, force: bool = False, release_base: str | None = None,
+                 say: Callable[[str], None] = print) -> tuple[Path, Manifest, float]:
+    """Return (directory, manifest, seconds spent). A verified bundle for this recipe is reused unless ``force``."""
+    started = time.monotonic()
+    recipe = load_recipe()
+    sha = recipe_hash(recipe)
+    out = cache_root() / sha
+    if out.is_dir() and not force:
+        try:
+            manifest = verify(out)
+            say(f"bundle {sha[:12]} is up to date: {out}")
+            return out, manifest, time.monotonic() - started
+        except BundleError as exc:
+            say(f"bundle {sha[:12]} is damaged, rebuilding: {exc.message.splitlines()[0]}")
+    work = cache_root() / "work" / sha[:16]
+    tmp = cache_root() / f".{sha}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if producer == "source":
+            from lab.bundle.source import SourceBuild, check_tools
+
+            check_tools()
+            build = SourceBuild(recipe, sha, work, say)
+            build.prepare()
+            build.assemble(tmp)
+        else:
+            from lab.bundle.release import ReleaseFetch
+
+            ReleaseFetch(recipe, sha, work, say, base=release_base).assemble(tmp)
+        manifest = verify(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"bundle {sha[:12]} built from {producer} in {time.monotonic() - started:.0f}s: {out}")
+    return out, manifest, time.monotonic() - started
