@@ -37,18 +37,19 @@ DEFAULT_MODULES = ("br_netfilter", "overlay", "nf_conntrack")
 OVERLAY_OVERHEAD_IPV4 = {"vxlan": 50, "geneve": 50}
 OVERLAY_OVERHEAD_IPV6 = {"vxlan": 70, "geneve": 70}
 
-# Kept in one place so the README, render and validation agree. Checked by the nightly KVM job.
-# Looked up 2026-11-26 (sources in docs/bootstrap.md): Kubernetes 1.37 is the newest minor (1.37.0 on 2026-08-26,
-# 1.38 not yet out); Cilium 1.20.0 shipped 2026-07-29, 1.20.4 is the newest patch; MetalLB 0.16.2 follows 0.16.1.
-KUBERNETES_VERSION = "1.37"
-CILIUM_VERSION = "1.20.4"
-METALLB_VERSION = "0.16.2"
+# Kept in one place so the README, render, validation and the bundle recipe (bundle/recipe.yaml) agree.
+# Checked 2026-11-30 against what the Go module proxy serves: k8s.io/kubernetes v1.37.2 (newest 1.37 patch);
+# github.com/cilium/cilium v1.20.2 (newest served 1.20 patch; 1.20.4 does not exist); MetalLB v0.16.1 (v0.16.2 is
+# served but requires github.com/metallb/frr-k8s v0.0.27, which the proxy refuses, so it cannot be built here).
+KUBERNETES_VERSION = "1.37.2"
+CILIUM_VERSION = "1.20.2"
+METALLB_VERSION = "0.16.1"
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IFNAME_MAX = 15  # IFNAMSIZ - 1
 SYSCTL_NAME = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
 MODULE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
-K8S_VERSION = re.compile(r"^1\.(\d+)(\.\d+)?$")
+K8S_VERSION = re.compile(r"^1\.(\d+)\.(\d+)$")
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
 
 MIN_RESOURCES = {  # role -> (cpus, memory MiB) when Kubernetes is bootstrapped (kubeadm preflight)
@@ -137,6 +138,9 @@ class TimeoutsSpec(Model):
 
 class KubernetesSpec(Model):
     enabled: bool = True
+    # packages: kubeadm/kubelet/kubectl from pkgs.k8s.io, images pulled (a host with internet);
+    # bundle: everything from the offline bundle (`lab bundle build`), imported into containerd, nothing pulled.
+    source: Literal["packages", "bundle"] = "packages"
     version: str = KUBERNETES_VERSION
     pod_subnet: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("10.244.0.0/16"), alias="podSubnet")
     service_subnet: ipaddress.IPv4Network = Field(default=ipaddress.IPv4Network("10.96.0.0/12"),
@@ -408,8 +412,8 @@ def _validate_cluster(lab: Lab, dhcp, add) -> None:
     k8s, cil, mlb = lab.kubernetes, lab.cilium, lab.metallb
     cidr = lab.network.cidr
     if not K8S_VERSION.match(k8s.version):
-        add("kubernetes.version", f"{k8s.version!r}: use a minor such as {KUBERNETES_VERSION} or a patch such as "
-                                  f"{KUBERNETES_VERSION}.0")
+        add("kubernetes.version", f"{k8s.version!r}: use an exact release such as {KUBERNETES_VERSION} (kubeadm "
+                                  "needs kubernetesVersion, or it asks dl.k8s.io for stable-1)")
     for path, subnet in (("kubernetes.podSubnet", k8s.pod_subnet), ("kubernetes.serviceSubnet", k8s.service_subnet)):
         if subnet.overlaps(cidr):
             add(path, f"{subnet} overlaps the lab network {cidr}; pick a disjoint range")
@@ -432,6 +436,8 @@ def _validate_cluster(lab: Lab, dhcp, add) -> None:
                                           if int(cil.mtu) == 1460 else ""))
         elif int(cil.mtu) < 1280:
             add("cilium.mtu", f"{cil.mtu} is below the IPv6 minimum of 1280; use 'auto' ({limit})")
+    if k8s.source == "bundle":
+        _validate_bundle_versions(lab, add)
     if not mlb.addresses:
         add("metallb.addresses", "no address pool; give one or more CIDRs or FIRST-LAST ranges inside network.cidr")
     node_ips = {n.ip for n in lab.nodes if n.ip is not None}
@@ -457,6 +463,24 @@ def _validate_cluster(lab: Lab, dhcp, add) -> None:
             if _overlaps(rng, other):
                 add(path, f"{entry} overlaps metallb.addresses[{j}]")
         seen.append((i, rng))
+
+
+def _validate_bundle_versions(lab: Lab, add) -> None:
+    """With ``kubernetes.source: bundle`` the versions are the bundle's: anything else would need a download."""
+    from lab.bundle.recipe import load_recipe
+
+    recipe = load_recipe()
+    have = {"kubernetes.version": recipe.kubernetes, "cilium.version": recipe.builds["cilium"].version,
+            "metallb.version": recipe.builds["metallb"].version}
+    want = {"kubernetes.version": lab.kubernetes.version, "cilium.version": lab.cilium.version,
+            "metallb.version": lab.metallb.version}
+    for path, version in have.items():
+        if want[path].lstrip("v") != version.lstrip("v"):
+            add(path, f"{want[path]!r}: the offline bundle (bundle/recipe.yaml) carries {version.lstrip('v')}; use "
+                      f"that, or kubernetes.source: packages on a host with internet")
+    if lab.cilium.hubble.ui:
+        add("cilium.hubble.ui", "the offline bundle has no Hubble UI images; set cilium.hubble.ui: false, or "
+                                "kubernetes.source: packages on a host with internet")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -43,7 +43,7 @@ def build_bundle(producer: Producer = "source", *, force: bool = False, release_
             return out, manifest, time.monotonic() - started
         except BundleError as exc:
             say(f"bundle {sha[:12]} is damaged, rebuilding: {exc.message.splitlines()[0]}")
-    work = cache_root() / "work" / sha[:16]
+    work = cache_root() / "work"  # steps keep their own input stamps, so work outlives recipe changes
     tmp = cache_root() / f".{sha}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -138,3 +138,12 @@ def cache_root() -> Path:
     if base:
         return Path(base)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmlab" / "bundles"
+
+
+def image_ref(recipe: Recipe, repository: str) -> tuple[str, str]:
+    """(repository, tag) of the recipe's image from ``repository`` (e.g. quay.io/cilium/cilium)."""
+    for ref in recipe.images:
+        repo, _, tag = ref.rpartition(":")
+        if repo == repository:
+            return repo, tag
+    raise KeyError(f"bundle/recipe.yaml has no image from {repository}")

@@ -53,8 +53,30 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
         "hubble": {"enabled": True, "relay": {"enabled": cil.hubble.relay}, "ui": {"enabled": cil.hubble.ui}},
         # Two operator replicas want two nodes (anti-affinity); a one-node lab gets one.
         "operator": {"replicas": min(2, len(lab.nodes))},
+        # MetalLB owns LoadBalancer addresses; Cilium's LB-IPAM would race it for every Service.
+        "defaultLBServiceIPAM": "none",
     }
+    if lab.kubernetes.source == "bundle":
+        values = deep_merge(values, bundle_values())
     return deep_merge(values, cil.values)
+
+
+def bundle_values() -> dict[str, Any]:
+    """Images imported from the offline bundle (never pulled), and no Envoy: it is C++, not built from Go
+    modules, and ``envoy.enabled: false`` alone would still run the Envoy the agent image is expected to carry."""
+    from lab.bundle.recipe import image_ref, load_recipe
+
+    recipe = load_recipe()
+
+    def image(repository: str) -> dict[str, Any]:
+        repo, tag = image_ref(recipe, repository)
+        return {"repository": repo, "tag": tag, "useDigest": False, "pullPolicy": "Never"}
+
+    operator = image("quay.io/cilium/operator-generic")
+    operator["repository"] = operator["repository"].removesuffix("-generic")  # the chart appends -generic
+    return {"image": image("quay.io/cilium/cilium"), "operator": {"image": operator},
+            "hubble": {"relay": {"image": image("quay.io/cilium/hubble-relay")}},
+            "l7Proxy": False, "envoy": {"enabled": False}}
 
 
 def render_cilium_values(lab: Lab) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import yaml
 
-from lab.spec import K8S_VERSION, Lab, NodeSpec
+from lab.spec import Lab, NodeSpec
 
 KUBEADM_API = "kubeadm.k8s.io/v1beta4"
 KUBELET_API = "kubelet.config.k8s.io/v1beta1"
@@ -25,15 +25,22 @@ def api_endpoint(lab: Lab) -> str:
     return f"{control_plane(lab).ip}:{API_PORT}"
 
 
-def kubernetes_version(lab: Lab) -> str | None:
-    """``v1.37.2`` when the spec pins a patch; None for a bare minor (kubeadm then uses its own version, which
-    the runtime phase pinned to that minor: no lookup of ``stable-1.37`` on the internet)."""
-    match = K8S_VERSION.match(lab.kubernetes.version)
-    return f"v{lab.kubernetes.version}" if match and match.group(2) else None
+IMAGE_REPOSITORY = "registry.k8s.io"
 
 
-def _node_registration(node: NodeSpec) -> dict:
-    return {"name": node.name, "criSocket": CRI_SOCKET,
+def kubernetes_version(lab: Lab) -> str:
+    """``v1.37.2``: always rendered. Without it kubeadm asks dl.k8s.io for ``stable-1`` and only falls back to
+    its own version when that fails (cmd/kubeadm/app/util/version.go)."""
+    return f"v{lab.kubernetes.version.lstrip('v')}"
+
+
+def image_pull_policy(lab: Lab) -> str:
+    """Never from the bundle (a missing image fails at once instead of trying a registry); else IfNotPresent."""
+    return "Never" if lab.kubernetes.source == "bundle" else "IfNotPresent"
+
+
+def _node_registration(lab: Lab, node: NodeSpec) -> dict:
+    return {"name": node.name, "criSocket": CRI_SOCKET, "imagePullPolicy": image_pull_policy(lab),
             "kubeletExtraArgs": [{"name": "node-ip", "value": str(node.ip)}]}
 
 
@@ -43,7 +50,7 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         "apiVersion": KUBEADM_API,
         "kind": "InitConfiguration",
         "localAPIEndpoint": {"advertiseAddress": str(cp.ip), "bindPort": API_PORT},
-        "nodeRegistration": _node_registration(cp),
+        "nodeRegistration": _node_registration(lab, cp),
     }
     if lab.cilium.kube_proxy_replacement:
         init["skipPhases"] = ["addon/kube-proxy"]  # Cilium replaces kube-proxy: never install it
@@ -51,6 +58,8 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         "apiVersion": KUBEADM_API,
         "kind": "ClusterConfiguration",
         "clusterName": lab.name,
+        "kubernetesVersion": kubernetes_version(lab),
+        "imageRepository": IMAGE_REPOSITORY,
         "controlPlaneEndpoint": api_endpoint(lab),
         "networking": {
             "podSubnet": str(lab.kubernetes.pod_subnet),
@@ -59,9 +68,6 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         },
         "apiServer": {"certSANs": [str(cp.ip), cp.name]},
     }
-    version = kubernetes_version(lab)
-    if version:
-        cluster["kubernetesVersion"] = version
     kubelet = {
         "apiVersion": KUBELET_API,
         "kind": "KubeletConfiguration",
@@ -88,6 +94,6 @@ def join_configuration(lab: Lab, node: NodeSpec, token: str, ca_cert_hash: str) 
         "kind": "JoinConfiguration",
         "discovery": {"bootstrapToken": {"apiServerEndpoint": api_endpoint(lab), "token": token,
                                          "caCertHashes": [ca_cert_hash]}},
-        "nodeRegistration": _node_registration(node),
+        "nodeRegistration": _node_registration(lab, node),
     }
     return dump_documents([doc])
