@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lab.errors import LabError, UsageError
-from lab.pipeline import Context, Log, down_phases, phase_names, run_phases, up_phases
+from lab.phase import Context, Log
+from lab.pipeline import down_phases, phase_names, run_phases, up_phases
 from lab.spec import Lab, load_lab
 from lab.state import LabState
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from lab.errors import LabError
 from lab.phases.storage import base_volumes, node_volumes
-from lab.pipeline import Context, Phase, run_on_nodes
+from lab.phase import Context, Phase, run_on_nodes
 from lab.spec import Lab, NodeSpec
 from lab.virt.xml import domain_xml
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from lab.phases.cluster import (api_client, cp_host, fetch_kubeconfig, kubectl, node_ready, not_ready, pod_ready,
-                                skip_without_kubernetes, wait_for)
-from lab.pipeline import Phase
+from lab.kubeconfig import fetch_kubeconfig
+from lab.kubectl import api_client, cp_host, kubectl, node_ready, not_ready, pod_ready
+from lab.phase import Phase, skip_without_kubernetes
+from lab.wait import wait_for
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 
 def kpr_mode(status_json: str) -> str | None:

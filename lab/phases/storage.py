@@ -9,7 +9,7 @@ import re
 
 from lab.errors import LabError
 from lab.images import ResolvedImage
-from lab.pipeline import Context, Phase
+from lab.phase import Context, Phase
 from lab.remote.host import new_client_key
 from lab.spec import NodeSpec
 from lab.state import write_private

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lab.errors import RemoteError
-from lab.pipeline import Context, Phase, run_on_nodes
+from lab.phase import Context, Phase, run_on_nodes
 from lab.remote.host import Host
 from lab.render.tuning import MODULES_PATH, SYSCTL_PATH, modules_conf, normalize, sysctl_conf
 
