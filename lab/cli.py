@@ -111,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from lab.artifacts import render_to_dir
+    from lab.render.artifacts import render_to_dir
 
     lab = load_lab(args.config)
     written = render_to_dir(lab, Path(args.output))

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.phases.nodes import console_log_path
+from lab.layout import console_log_path
 from lab.phase import Context
 
 NODE_COMMANDS = {
