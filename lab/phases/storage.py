@@ -5,7 +5,6 @@ only ever reads files inside the pool (no permission trouble with the user's cac
 """
 from __future__ import annotations
 
-
 from lab.errors import LabError
 from lab.layout import base_volumes, node_volumes
 from lab.phase import Context, Phase

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from lab.cilium_status import kpr_mode
 from lab.errors import LabError, RemoteError, WaitTimeout
 from lab.kubeconfig import rewrite_server
 from lab.kubectl import api_client, daemonset_rolled_out, deployment_rolled_out, node_ready, not_ready, pod_ready
@@ -20,7 +21,7 @@ from lab.phases.join import Join, api_not_ready, parse_join_command
 from lab.phases.kubeadm import Kubeadm, init_failure
 from lab.phases.kubeconfig import Kubeconfig
 from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
-from lab.phases.ready import Ready, kpr_mode
+from lab.phases.ready import Ready
 from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
                                 fstab_without_swap, k8s_repo_line)
 from lab.phase import Context, Log, run_on_nodes
