@@ -19,7 +19,7 @@ from conformance import report
 from lab.sysctl import parse_values, read_command
 from lab.wait import wait_for
 
-PREFLIGHT_EXIT = 3  # distinct from pytest's own codes 1 (failures) and 2 (interrupted)
+PREFLIGHT_EXIT = k8s.PreflightError.exit_code
 
 
 @dataclass

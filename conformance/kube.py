@@ -53,6 +53,8 @@ class ConformanceError(KvmlabError):
 class PreflightError(ConformanceError):
     """The cluster cannot be used at all: reported once, before any check starts."""
 
+    exit_code = 3  # distinct from pytest's own codes 1 (failures) and 2 (interrupted)
+
 
 WAIT_HINT = "raise --wait-timeout if the cluster is slow; `kubectl get events -A` shows what it is doing"
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lab.errors import LabError, UsageError
+from lab.errors import KvmlabError, LabError, UsageError
 from lab.phase import Context, Log
 from lab.pipeline import down_phases, phase_names, run_phases, up_phases
 from lab.spec import Lab, load_lab
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except LabError as exc:
+    except KvmlabError as exc:  # LabError, and ConformanceError from `lab report`
         err.print(f"[red]error:[/red] {escape(exc.message)}")
         if exc.hint:
             err.print(f"[cyan]hint:[/cyan] {escape(exc.hint)}")
