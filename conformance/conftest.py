@@ -16,8 +16,10 @@ import pytest
 
 from conformance import kube as k8s
 from conformance import report
+from lab.sysctl import parse_values, read_command
+from lab.wait import wait_for
 
-PREFLIGHT_EXIT = 3  # distinct from pytest's own codes 1 (failures) and 2 (interrupted)
+PREFLIGHT_EXIT = k8s.PreflightError.exit_code
 
 
 @dataclass
@@ -216,7 +218,7 @@ def kube(settings) -> k8s.Kube:
 
 
 @pytest.fixture(scope="session")
-def cluster(kube, settings):
+def session(kube, settings):
     """The run's Session: creates namespaces labelled as ours and deletes them at the end, whatever happened."""
     session = k8s.Session(kube, k8s.StreamExecutor(kube), probe_image=settings.probe_image,
                           wait_seconds=settings.wait_seconds)
@@ -251,44 +253,37 @@ def warn(record_property, request):
 class NodeFacts:
     """The privileged hostNetwork DaemonSet running netprobe: one pod per node, facts and host commands."""
 
-    cluster: k8s.Session
+    session: k8s.Session
     namespace: str
     pods: dict[str, str]  # node -> pod
 
     def facts(self, timeout: float = 60.0) -> dict[str, dict]:
-        return {node: self.cluster.netprobe(self.namespace, pod, ["facts"], timeout)
+        return {node: self.session.netprobe(self.namespace, pod, ["facts"], timeout)
                 for node, pod in sorted(self.pods.items())}
 
     def host(self, node: str, script: str, timeout: float = 60.0) -> k8s.ExecResult:
         """Run a shell script in the node's root filesystem (chroot /host): the node's own tools."""
-        return self.cluster.exec(self.namespace, self.pods[node], ["chroot", "/host", "sh", "-c", script], timeout)
+        return self.session.exec(self.namespace, self.pods[node], ["chroot", "/host", "sh", "-c", script], timeout)
 
     def sysctl(self, node: str, names: list[str], timeout: float = 60.0) -> dict[str, str | None]:
         """Read sysctls from /proc/sys inside the node's network namespace (the pod is hostNetwork)."""
-        script = "; ".join(f"printf '%s\\t%s\\n' {n} \"$(cat /proc/sys/{n.replace('.', '/')} 2>/dev/null)\""
-                           for n in names)
-        res = self.cluster.exec(self.namespace, self.pods[node], ["sh", "-c", script], timeout)
+        res = self.session.exec(self.namespace, self.pods[node], read_command(names), timeout)
         if res.rc != 0:
             raise k8s.ProbeFailed(f"reading sysctls on {node} failed (exit {res.rc}): {res.stderr[:200]}")
-        out: dict[str, str | None] = {n: None for n in names}
-        for line in res.stdout.splitlines():
-            name, _, value = line.partition("\t")
-            if name in out:
-                out[name] = " ".join(value.split()) or None
-        return out
+        return parse_values(res.stdout, names)
 
 
 @pytest.fixture(scope="session")
-def node_facts(cluster, kube) -> NodeFacts:
+def node_facts(session, kube) -> NodeFacts:
     nodes = sorted(k8s.node_addresses(kube))
-    ns = cluster.namespace("facts", {"pod-security.kubernetes.io/enforce": "privileged"})
-    cluster.facts_daemonset(ns)
-    pods = cluster.wait_pods_ready(ns, "app=netprobe-facts", len(nodes), "of the netprobe-facts DaemonSet")
+    ns = session.namespace("facts", {"pod-security.kubernetes.io/enforce": "privileged"})
+    session.facts_daemonset(ns)
+    pods = session.wait_pods_ready(ns, "app=netprobe-facts", len(nodes), "of the netprobe-facts DaemonSet")
     by_node = {p.spec.node_name: p.metadata.name for p in pods}
     missing = sorted(set(nodes) - set(by_node))
     if missing:
         pytest.fail(f"no netprobe-facts pod on node(s) {', '.join(missing)} (taints or node selectors?)")
-    return NodeFacts(cluster, ns, by_node)
+    return NodeFacts(session, ns, by_node)
 
 
 @dataclass
@@ -327,8 +322,9 @@ def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout:
                     raise k8s.ConformanceError(f"netprobe serve on {ip}:{port} exited: "
                                                f"{proc.stderr.read().decode()[:300]}",
                                                "is --runner-ip an address of this host?")
-                return ready.exists(), None, "not listening yet"
-            k8s.wait_until(f"netprobe serve on the runner at {ip}:{port} ({name})", timeout, check, 0.1)
+                return (True, None) if ready.exists() else (False, "not listening yet")
+            wait_for(f"netprobe serve on the runner at {ip}:{port} ({name})", timeout, check, interval=0.1,
+                     hint="is --runner-ip an address of this host?")
     except BaseException:
         running.stop()
         raise

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from lab.table import render_table
+
 
 class Verdict(str, enum.Enum):
     """An observed outcome of one probe, exactly the names ``netprobe connect`` prints."""
@@ -114,8 +116,7 @@ class TruthTable:
                 text = _SHORT.get(value, "-") if value is not None else "-"
                 row.append(f"*{text}*" if (s, t) in marked else text)
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return render_table(rows)
 
 
 def mismatches(expected: TruthTable, observed: TruthTable) -> list[tuple[str, Target]]:

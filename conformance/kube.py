@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,9 @@ from typing import Callable, Protocol, TypeVar
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
+
+from lab.errors import KvmlabError, WaitTimeout
+from lab.wait import wait_for
 
 log = logging.getLogger("conformance")
 
@@ -41,20 +43,20 @@ REQUIRED_ACCESS = [
 ]
 
 
-class ConformanceError(Exception):
-    """A problem with a hint naming what to do next."""
+class ConformanceError(KvmlabError):
+    """A problem of the conformance suite, with a hint naming what to do next."""
 
     def __init__(self, message: str, hint: str = ""):
-        super().__init__(message + (f"\n  hint: {hint}" if hint else ""))
-        self.hint = hint
+        super().__init__(message, hint)
 
 
 class PreflightError(ConformanceError):
     """The cluster cannot be used at all: reported once, before any check starts."""
 
+    exit_code = 3  # distinct from pytest's own codes 1 (failures) and 2 (interrupted)
 
-class WaitTimeout(ConformanceError):
-    """A wait ran out of time; the message says what it waited for, how long, and the last state seen."""
+
+WAIT_HINT = "raise --wait-timeout if the cluster is slow; `kubectl get events -A` shows what it is doing"
 
 
 class ProbeFailed(ConformanceError):
@@ -127,24 +129,6 @@ def _short(exc: Exception) -> str:
     exc = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), Exception) else exc
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text[:200]
-
-
-# ---------------------------------------------------------------------------------------------- waits
-
-
-def wait_until(what: str, seconds: float, check: Callable[[], tuple[bool, object, str]],
-               interval: float = 1.0) -> object:
-    """Poll ``check() -> (done, value, state)`` until done or ``seconds`` pass; WaitTimeout names what and why."""
-    log.info("waiting <= %.0fs for %s", seconds, what)
-    deadline = time.monotonic() + seconds
-    state = "not checked yet"
-    while True:
-        done, value, state = check()
-        if done:
-            return value
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"gave up after {seconds:.0f}s waiting for {what}; last state: {state}")
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 # ---------------------------------------------------------------------------------------------- exec
@@ -323,8 +307,9 @@ class Session:
                     states.append(f"{p.metadata.name}: {p.status.phase if p.status else '?'}"
                                   + (f" ({reason})" if reason else ""))
             state = f"{len(ready)}/{count} ready" + (f"; {', '.join(states)}" if states else "")
-            return len(ready) >= count, ready, state
-        return wait_until(f"{count} pod(s) {what} ({namespace}, {selector}) to be Running and Ready", seconds, check)
+            return (True, ready) if len(ready) >= count else (False, state)
+        return wait_for(f"{count} pod(s) {what} ({namespace}, {selector}) to be Running and Ready", seconds, check,
+                        interval=1.0, hint=WAIT_HINT, log=log.info)
 
     # ---- probes
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from conformance.expect import Expect, Target, TruthTable
-
-NAME_LABEL = "kubernetes.io/metadata.name"
+from conformance.policies import NAME_LABEL
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class External:
         return f"ext/{self.name}"
 
 
-class Cluster:
+class PolicyModel:
     """What the oracle needs to know: namespaces with labels, pods, outside hosts and the policies."""
 
     def __init__(self, namespaces: Mapping[str, Mapping[str, str]], pods: Iterable[Pod],
@@ -126,15 +125,15 @@ def _in_ipblock(block: Mapping, ip: str) -> bool:
     return not any(addr in ipaddress.ip_network(e, strict=False) for e in block.get("except") or [])
 
 
-def peer_matches(peer: Mapping, policy_ns: str, other: Pod | External, cluster: Cluster) -> bool:
+def peer_matches(peer: Mapping, policy_ns: str, other: Pod | External, model: PolicyModel) -> bool:
     if "ipBlock" in peer:
-        if isinstance(other, Pod) and not cluster.ipblock_matches_pods:
+        if isinstance(other, Pod) and not model.ipblock_matches_pods:
             return False
         return _in_ipblock(peer["ipBlock"], other.ip)
     if not isinstance(other, Pod):
         return False  # pod/namespace selectors select pods only
     if "namespaceSelector" in peer:
-        if not selector_matches(peer["namespaceSelector"], cluster.namespaces.get(other.namespace, {})):
+        if not selector_matches(peer["namespaceSelector"], model.namespaces.get(other.namespace, {})):
             return False
     elif other.namespace != policy_ns:
         return False
@@ -160,50 +159,50 @@ def port_matches(rule_port: Mapping, port: int, proto: str, dest: Pod | External
 
 
 def rule_allows(rule: Mapping, peers_key: str, policy_ns: str, other: Pod | External, port: int, proto: str,
-                dest: Pod | External, cluster: Cluster) -> bool:
+                dest: Pod | External, model: PolicyModel) -> bool:
     peers = rule.get(peers_key) or []
-    if peers and not any(peer_matches(p, policy_ns, other, cluster) for p in peers):
+    if peers and not any(peer_matches(p, policy_ns, other, model) for p in peers):
         return False
     ports = rule.get("ports") or []
     return not ports or any(port_matches(p, port, proto, dest) for p in ports)
 
 
-def _selecting(cluster: Cluster, pod: Pod, direction: str) -> list[Mapping]:
-    return [p for p in cluster.policies
+def _selecting(model: PolicyModel, pod: Pod, direction: str) -> list[Mapping]:
+    return [p for p in model.policies
             if _ns(p) == pod.namespace and direction in policy_types(p)
             and selector_matches((p.get("spec") or {}).get("podSelector"), pod.labels)]
 
 
-def egress_allowed(cluster: Cluster, src: Pod | External, dst: Pod | External, port: int, proto: str) -> bool:
+def egress_allowed(model: PolicyModel, src: Pod | External, dst: Pod | External, port: int, proto: str) -> bool:
     if not isinstance(src, Pod):
         return True
-    policies = _selecting(cluster, src, "Egress")
+    policies = _selecting(model, src, "Egress")
     if not policies:
         return True
-    return any(rule_allows(r, "to", _ns(p), dst, port, proto, dst, cluster)
+    return any(rule_allows(r, "to", _ns(p), dst, port, proto, dst, model)
                for p in policies for r in (p["spec"].get("egress") or []))
 
 
-def ingress_allowed(cluster: Cluster, src: Pod | External, dst: Pod | External, port: int, proto: str) -> bool:
+def ingress_allowed(model: PolicyModel, src: Pod | External, dst: Pod | External, port: int, proto: str) -> bool:
     if not isinstance(dst, Pod):
         return True
-    policies = _selecting(cluster, dst, "Ingress")
+    policies = _selecting(model, dst, "Ingress")
     if not policies:
         return True
-    return any(rule_allows(r, "from", _ns(p), src, port, proto, dst, cluster)
+    return any(rule_allows(r, "from", _ns(p), src, port, proto, dst, model)
                for p in policies for r in (p["spec"].get("ingress") or []))
 
 
-def flow_allowed(cluster: Cluster, source: str, target: Target) -> bool:
-    src, dst = cluster.endpoint(source), cluster.endpoint(target.id)
-    return (egress_allowed(cluster, src, dst, target.port, target.proto)
-            and ingress_allowed(cluster, src, dst, target.port, target.proto))
+def flow_allowed(model: PolicyModel, source: str, target: Target) -> bool:
+    src, dst = model.endpoint(source), model.endpoint(target.id)
+    return (egress_allowed(model, src, dst, target.port, target.proto)
+            and ingress_allowed(model, src, dst, target.port, target.proto))
 
 
-def expected_table(cluster: Cluster, sources: Iterable[str], targets: Iterable[Target]) -> TruthTable:
+def expected_table(model: PolicyModel, sources: Iterable[str], targets: Iterable[Target]) -> TruthTable:
     """The truth table the policies imply: CONNECTED where allowed, BLOCKED where denied."""
     table = TruthTable(list(sources), list(targets))
     for s in table.sources:
         for t in table.targets:
-            table.set(s, t, Expect.CONNECTED if flow_allowed(cluster, s, t) else Expect.BLOCKED)
+            table.set(s, t, Expect.CONNECTED if flow_allowed(model, s, t) else Expect.BLOCKED)
     return table

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.table import render_table
+
 FORMAT = "kvmlab-conformance/1"
 
 #: measured value -> (better direction, relative tolerance, absolute tolerance). Unknown metrics are shown, not judged.
@@ -95,12 +97,9 @@ def summary_table(doc: dict) -> str:
         if c.get("warnings"):
             detail += ("; " if detail else "") + "WARN " + "; ".join(c["warnings"])[:100]
         rows.append((c["verdict"].upper(), c["id"], f"{c['seconds']:.1f}", detail))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
     counts = doc["counts"]
-    lines.append(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
-                 f"{counts['skip']} skipped (a skip is not a pass) in {doc['seconds']:.0f}s")
-    return "\n".join(line.rstrip() for line in lines)
+    return render_table(rows) + (f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
+                                 f"{counts['skip']} skipped (a skip is not a pass) in {doc['seconds']:.0f}s")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from conformance import kube as k8s
-from conformance.verdicts import conntrack_deltas, default_connections, judge_load
+from conformance.judge import conntrack_deltas, default_connections, judge_load
 
 pytestmark = pytest.mark.xdist_group("metallb")  # shares the LoadBalancer speakers with test_loadbalancer
 
@@ -22,11 +22,11 @@ BPF_CT_HEADROOM = 0.2
 
 
 @pytest.fixture(scope="module")
-def load_world(cluster, kube, settings):
+def load_world(session, kube, settings):
     nodes = sorted(k8s.node_addresses(kube))
-    ns = cluster.namespace("ct")
-    servers = cluster.pods_per_node(ns, "ct-server", nodes, tcp=[PORT])
-    clients = cluster.pods_per_node(ns, "ct-client", nodes)
+    ns = session.namespace("ct")
+    servers = session.pods_per_node(ns, "ct-server", nodes, tcp=[PORT])
+    clients = session.pods_per_node(ns, "ct-client", nodes)
     ports = [{"name": "tcp", "port": 80, "targetPort": PORT, "protocol": "TCP"}]
     for name, kind in (("ct-clusterip", "ClusterIP"), ("ct-lb", "LoadBalancer")):
         kube.core.create_namespaced_service(ns, {"metadata": {"name": name}, "spec": {
@@ -47,26 +47,26 @@ def connections(settings, clients: int) -> int:
     return default_connections(int(expected_max) if expected_max else None, clients)
 
 
-def run_load(cluster, ns, clients: dict, address: str, total: int, hold: float) -> list[dict]:
+def run_load(session, ns, clients: dict, address: str, total: int, hold: float) -> list[dict]:
     """Split ``total`` over the client pods; all hold at the same time."""
     share = [total // len(clients) + (1 if i < total % len(clients) else 0) for i in range(len(clients))]
 
     def one(pod, n):
-        return cluster.netprobe(ns, pod, ["load", "--to", address, "--connections", str(n), "--rate", "5000",
+        return session.netprobe(ns, pod, ["load", "--to", address, "--connections", str(n), "--rate", "5000",
                                           "--hold", str(hold), "--timeout", "5"], timeout=hold + n / 1000 + 120)
 
     return k8s.in_parallel([lambda pod=pod, n=n: one(pod, n)
                             for (pod, _), n in zip(clients.values(), share) if n])
 
 
-def bpf_ct_headroom(kube, cluster) -> dict[str, float]:
+def bpf_ct_headroom(kube, session) -> dict[str, float]:
     """Per Cilium agent: 1 - entries / max_entries of the global TCP CT map (read while the load is held)."""
     out = {}
     script = ("n=$(cilium-dbg bpf ct list global 2>/dev/null | grep -c TCP); "
               "m=$(bpftool map show name cilium_ct4_glob 2>/dev/null | grep -o 'max_entries [0-9]*' | head -1); "
               "echo \"$n ${m#max_entries }\"")
     for pod in kube.core.list_namespaced_pod("kube-system", label_selector="k8s-app=cilium").items:
-        res = cluster.exec("kube-system", pod.metadata.name, ["sh", "-c", script], 120, container="cilium-agent")
+        res = session.exec("kube-system", pod.metadata.name, ["sh", "-c", script], 120, container="cilium-agent")
         m = re.match(r"\s*(\d+)\s+(\d+)", res.stdout)
         if m and int(m.group(2)):
             out[pod.spec.node_name] = round(1 - int(m.group(1)) / int(m.group(2)), 3)
@@ -74,7 +74,7 @@ def bpf_ct_headroom(kube, cluster) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("path", ["clusterip", "loadbalancer"])
-def test_connections_held_without_loss(path, load_world, cluster, kube, node_facts, settings, measure):
+def test_connections_held_without_loss(path, load_world, session, kube, node_facts, settings, measure):
     ns = load_world["ns"]
     address = (f"{load_world['cluster_ip']}:80" if path == "clusterip" else f"{_lb_ip(kube, ns, settings)}:80")
     n = connections(settings, len(load_world["clients"]))
@@ -86,10 +86,10 @@ def test_connections_held_without_loss(path, load_world, cluster, kube, node_fac
         def sample():
             import time
             time.sleep(min(settings.conntrack_hold / 2, 5) + n / 5000)
-            headroom.update(bpf_ct_headroom(kube, cluster))
+            headroom.update(bpf_ct_headroom(kube, session))
         reader = threading.Thread(target=sample)
         reader.start()
-    results = run_load(cluster, ns, load_world["clients"], address, n, settings.conntrack_hold)
+    results = run_load(session, ns, load_world["clients"], address, n, settings.conntrack_hold)
     if reader:
         reader.join()
     after = node_facts.facts()

@@ -17,8 +17,8 @@ from conformance import kube as k8s
 from conformance import policies
 from conformance.conftest import serve_on_runner
 from conformance.expect import Target, TruthTable, observed_table
-from conformance.oracle import Cluster, External, Pod, expected_table
-from conformance.verdicts import poll_table
+from conformance.oracle import PolicyModel, External, Pod, expected_table
+from conformance.judge import poll_table
 
 pytestmark = pytest.mark.xdist_group("default_deny")
 
@@ -64,23 +64,23 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(cluster, kube, runner_ip, settings):
+def world(session, kube, runner_ip, settings):
     runner = serve_on_runner(runner_ip, EXTERNAL_PORTS)
     try:
-        yield _build_world(cluster, kube, runner_ip, settings)
+        yield _build_world(session, kube, runner_ip, settings)
     finally:
         runner.stop()
 
 
-def _build_world(cluster, kube, runner_ip, settings) -> World:
-    a, b, c = (cluster.namespace(n, {"kvmlab.io/role": r}) for n, r in
+def _build_world(session, kube, runner_ip, settings) -> World:
+    a, b, c = (session.namespace(n, {"kvmlab.io/role": r}) for n, r in
                (("dd-a", "protected"), ("dd-b", "protected"), ("dd-c", "open")))
     roles = {a: ("frontend", {"app": "frontend"}), b: ("backend", {"app": "backend"}), c: ("client", {"app": "client"})}
     for ns, (name, labels) in roles.items():
-        cluster.probe_pod(ns, name, labels, tcp=PORTS, udp=PORTS, named_ports={"http": (ALLOWED_PORT, "TCP")})
+        session.probe_pod(ns, name, labels, tcp=PORTS, udp=PORTS, named_ports={"http": (ALLOWED_PORT, "TCP")})
     pods, sources = [], {}
     for ns, (name, labels) in roles.items():
-        ready = cluster.wait_pods_ready(ns, f"app={labels['app']}", 1, name)[0]
+        ready = session.wait_pods_ready(ns, f"app={labels['app']}", 1, name)[0]
         pods.append(Pod(ns, name, labels, ready.status.pod_ip, {"http": (ALLOWED_PORT, "TCP")}))
         sources[f"{ns}/{name}"] = (ns, name)
     dns_svc = kube.core.read_namespaced_service("kube-dns", "kube-system")
@@ -110,7 +110,7 @@ def _build_world(cluster, kube, runner_ip, settings) -> World:
 
 
 def expected(world: World, applied: list[dict]) -> TruthTable:
-    model = Cluster(world.model_namespaces, world.model_pods, world.externals, applied)
+    model = PolicyModel(world.model_namespaces, world.model_pods, world.externals, applied)
     table = expected_table(model, list(world.sources), world.targets)
     for source in world.sources:  # a pod probing itself is not a policy question
         for t in world.targets:
@@ -119,7 +119,7 @@ def expected(world: World, applied: list[dict]) -> TruthTable:
     return table
 
 
-def observe(cluster, world: World) -> TruthTable:
+def observe(session, world: World) -> TruthTable:
     results = {}
     dns_udp = Target("kube-system/kube-dns", 53, "UDP")
 
@@ -128,8 +128,8 @@ def observe(cluster, world: World) -> TruthTable:
         for t in world.targets:
             if t != dns_udp and t.id != source:
                 args += ["--to", f"{world.address_of[t]}/{t.proto.lower()}"]
-        out = cluster.netprobe(ns, pod, args, timeout=60)
-        dns = cluster.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
+        out = session.netprobe(ns, pod, args, timeout=60)
+        dns = session.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
         if dns.rc != 0:
             raise k8s.ProbeFailed(f"DNS probe in {ns}/{pod} failed (exit {dns.rc}): {dns.stderr[:200]}")
         results[source] = out + json.loads(dns.stdout)
@@ -158,10 +158,10 @@ def step3_policies(world):
                                     ALLOWED_PORT)]
 
 
-def _run_step(cluster, kube, world, settings, measure, manifests):
+def _run_step(session, kube, world, settings, measure, manifests):
     apply(kube, world, manifests)
     want = expected(world, manifests)
-    result = poll_table(want, lambda: observe(cluster, world), settings.policy_seconds,
+    result = poll_table(want, lambda: observe(session, world), settings.policy_seconds,
                         transport_errors=(k8s.ProbeFailed,))
     measure("policy_converge_seconds", round(result.seconds, 1))
     measure("cells", len(want.cells))
@@ -169,13 +169,13 @@ def _run_step(cluster, kube, world, settings, measure, manifests):
     assert result.matched, result.text
 
 
-def test_step1_no_policy_everything_connects(cluster, kube, world, settings, measure):
-    _run_step(cluster, kube, world, settings, measure, [])
+def test_step1_no_policy_everything_connects(session, kube, world, settings, measure):
+    _run_step(session, kube, world, settings, measure, [])
 
 
-def test_step2_default_deny_blocks_everything_in_and_out(cluster, kube, world, settings, measure):
-    _run_step(cluster, kube, world, settings, measure, step2_policies(world))
+def test_step2_default_deny_blocks_everything_in_and_out(session, kube, world, settings, measure):
+    _run_step(session, kube, world, settings, measure, step2_policies(world))
 
 
-def test_step3_only_dns_and_frontend_to_backend_pass(cluster, kube, world, settings, measure):
-    _run_step(cluster, kube, world, settings, measure, step3_policies(world))
+def test_step3_only_dns_and_frontend_to_backend_pass(session, kube, world, settings, measure):
+    _run_step(session, kube, world, settings, measure, step3_policies(world))

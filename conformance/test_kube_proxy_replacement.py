@@ -5,7 +5,8 @@ Also reports every node's kernel: Cilium's eBPF datapath with kube-proxy replace
 """
 from __future__ import annotations
 
-from conformance.verdicts import cilium_kpr, kernel_at_least, kube_proxy_findings
+from conformance.judge import kernel_at_least, kube_proxy_findings
+from lab.cilium_status import cilium_kpr
 
 RULES_SCRIPT = ("found=none; "
                 "if command -v iptables-save >/dev/null 2>&1; then found=no; "
@@ -41,12 +42,12 @@ def test_kernels_support_the_ebpf_datapath(node_facts, measure):
     assert not old, f"kernel older than 5.10 on {old}: Cilium kube-proxy replacement with BPF masquerading needs 5.10+"
 
 
-def test_cilium_reports_kube_proxy_replacement(kube, cluster, measure):
+def test_cilium_reports_kube_proxy_replacement(kube, session, measure):
     agents = kube.core.list_namespaced_pod("kube-system", label_selector="k8s-app=cilium").items
     assert agents, "no Cilium agent pods (kube-system, k8s-app=cilium): is Cilium the CNI?"
     problems = []
     for pod in agents:
-        res = cluster.exec("kube-system", pod.metadata.name, ["cilium-dbg", "status"], 60, container="cilium-agent")
+        res = session.exec("kube-system", pod.metadata.name, ["cilium-dbg", "status"], 60, container="cilium-agent")
         active, value = cilium_kpr(res.stdout)
         if res.rc != 0 or not active:
             problems.append(f"{pod.spec.node_name}: KubeProxyReplacement {value} (exit {res.rc})")

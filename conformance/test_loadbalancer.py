@@ -15,7 +15,8 @@ import urllib.request
 import pytest
 
 from conformance import kube as k8s
-from conformance.verdicts import ip_in_pool, outside_pool_address, parse_link_macs, parse_neighbour
+from conformance.judge import ip_in_pool, outside_pool_address, parse_link_macs, parse_neighbour
+from lab.wait import wait_for
 
 pytestmark = pytest.mark.xdist_group("metallb")  # failover disturbs the speakers: keep LB checks on one worker
 
@@ -61,23 +62,24 @@ def wait_ingress(kube, ns: str, name: str, seconds: float) -> str:
         svc = kube.core.read_namespaced_service(name, ns)
         ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
         ips = [i.ip for i in ingress if i.ip]
-        return bool(ips), ips[0] if ips else None, f"status.loadBalancer.ingress={ips or 'empty'}"
-    return k8s.wait_until(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check)
+        return (True, ips[0]) if ips else (False, "status.loadBalancer.ingress=empty")
+    return wait_for(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check, interval=1.0,
+                    hint=k8s.WAIT_HINT)
 
 
 @pytest.fixture(scope="module")
-def lb(cluster, kube, settings, runner_ip):
+def lb(session, kube, settings, runner_ip):
     if not settings.lb_pool:
         pytest.skip("needs the MetalLB pool: pass --lab SPEC or --lb-pool CIDR|FIRST-LAST")
     nodes = sorted(k8s.node_addresses(kube))
-    ns = cluster.namespace("lb")
+    ns = session.namespace("lb")
     for node in nodes:
-        spec = cluster.probe_pod_spec(node=node)
+        spec = session.probe_pod_spec(node=node)
         spec["containers"][0].update(command=["python3", "-c", HTTP_SERVER],
                                      ports=[{"containerPort": HTTP_PORT, "name": "http"}])
         kube.core.create_namespaced_pod(ns, {"metadata": {"name": f"backend-{node}", "labels": {
             "app": "lb-backend", k8s.OWNER_LABEL: "true"}}, "spec": spec})
-    cluster.wait_pods_ready(ns, "app=lb-backend", len(nodes), "HTTP backends (one per node)")
+    session.wait_pods_ready(ns, "app=lb-backend", len(nodes), "HTTP backends (one per node)")
     started = time.monotonic()
     kube.core.create_namespaced_service(ns, lb_service("lb-auto"))
     ip = wait_ingress(kube, ns, "lb-auto", settings.wait_seconds)
@@ -93,8 +95,9 @@ def test_ip_from_pool_within_deadline(lb, settings, measure):
 def _wait_http(ip: str, seconds: float) -> dict:
     def check():
         answer = http_get(ip)
-        return answer is not None, answer, "no HTTP answer"
-    return k8s.wait_until(f"HTTP GET http://{ip}/ from the runner to be answered", seconds, check, 0.5)
+        return (True, answer) if answer is not None else (False, "no HTTP answer")
+    return wait_for(f"HTTP GET http://{ip}/ from the runner to be answered", seconds, check, interval=0.5,
+                    hint=k8s.WAIT_HINT)
 
 
 def test_http_from_runner_reaches_a_backend(lb, measure):
@@ -144,8 +147,9 @@ def test_request_beyond_pool_stays_pending_with_event(lb, kube, settings, measur
     def check():
         events = kube.core.list_namespaced_event(ns, field_selector="involvedObject.name=lb-beyond").items
         failed = [e for e in events if e.reason == "AllocationFailed"]
-        return bool(failed), failed, f"events: {[(e.reason, e.message) for e in events] or 'none'}"
-    events = k8s.wait_until(f"an AllocationFailed event for {ns}/lb-beyond ({beyond} is outside the pool)", 120, check)
+        return (True, failed) if failed else (False, f"events: {[(e.reason, e.message) for e in events] or 'none'}")
+    events = wait_for(f"an AllocationFailed event for {ns}/lb-beyond ({beyond} is outside the pool)", 120, check,
+                      interval=1.0, hint=k8s.WAIT_HINT)
     svc = kube.core.read_namespaced_service("lb-beyond", ns)
     ingress = svc.status.load_balancer.ingress if svc.status and svc.status.load_balancer else None
     measure("event", events[0].message)
@@ -180,8 +184,10 @@ def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
             answer = http_get(lb["ip"], timeout=1.0)
             now, mac_now, _ = announcing_node(lb["ip"], macs)
             done = answer is not None and now is not None and now != before
-            return done, now, f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
-        after = k8s.wait_until(f"{lb['ip']} to answer from a node other than {before}", 300, check, 0.2)
+            state = f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
+            return (True, now) if done else (False, state)
+        after = wait_for(f"{lb['ip']} to answer from a node other than {before}", 300, check, interval=0.2,
+                         hint=k8s.WAIT_HINT)
         seconds = time.monotonic() - started
     finally:
         current = kube.core.read_node(before).spec.taints or []

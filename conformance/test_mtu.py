@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 
 from conformance import kube as k8s
-from conformance.verdicts import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
-                                  route_mtu)
+from conformance.judge import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
+                               route_mtu)
 
 PORT = 8080
 
 
 @pytest.fixture(scope="module")
-def mtu_pods(cluster, kube):
+def mtu_pods(session, kube):
     nodes = sorted(k8s.node_addresses(kube))
-    ns = cluster.namespace("mtu")
-    return ns, cluster.pods_per_node(ns, "mtu", nodes, tcp=[PORT], udp=[PORT])
+    ns = session.namespace("mtu")
+    return ns, session.pods_per_node(ns, "mtu", nodes, tcp=[PORT], udp=[PORT])
 
 
 def _underlay(node_facts_by_node: dict, settings) -> dict[str, int]:
@@ -36,13 +36,13 @@ def test_node_underlay_mtu(node_facts, settings, measure):
     assert len(set(underlay.values())) == 1, f"nodes disagree on the underlay MTU: {underlay}"
 
 
-def test_pod_route_mtu(node_facts, mtu_pods, cluster, settings, measure, warn):
+def test_pod_route_mtu(node_facts, mtu_pods, session, settings, measure, warn):
     ns, pods = mtu_pods
     underlay = _underlay(node_facts.facts(), settings)
     findings, measured = [], {}
     for node, (pod, _ip) in sorted(pods.items()):
         expected = expected_pod_mtu(settings.underlay_mtu or underlay[node], settings.tunnel)
-        got = route_mtu(cluster.netprobe(ns, pod, ["facts"]))
+        got = route_mtu(session.netprobe(ns, pod, ["facts"]))
         measured[node] = got
         finding, text = judge_route_mtu(got, expected)
         if finding is MtuFinding.WASTEFUL:
@@ -54,13 +54,13 @@ def test_pod_route_mtu(node_facts, mtu_pods, cluster, settings, measure, warn):
                           "likely cause: cilium mtu set by hand (1460 is the TCP MSS, not a Geneve MTU)")
 
 
-def test_path_mtu_between_nodes(node_facts, mtu_pods, cluster, settings, measure):
+def test_path_mtu_between_nodes(node_facts, mtu_pods, session, settings, measure):
     ns, pods = mtu_pods
     if len(pods) < 2:
         pytest.skip("needs two nodes to measure a path through the overlay")
     (node_a, (pod_a, _)), (node_b, (_, ip_b)) = sorted(pods.items())[:2]
     before = node_facts.facts()
-    result = cluster.netprobe(ns, pod_a, ["mtu", "--to", f"{ip_b}:{PORT}", "--bulk-mib", "8"], timeout=120)
+    result = session.netprobe(ns, pod_a, ["mtu", "--to", f"{ip_b}:{PORT}", "--bulk-mib", "8"], timeout=120)
     after = node_facts.facts()
     underlay = settings.underlay_mtu or route_mtu(before[node_a])
     pod_mtu = expected_pod_mtu(underlay, settings.tunnel)

@@ -5,7 +5,7 @@ not the one in /etc/sysctl.d. Expected: the lab spec's tuning.sysctls, else the 
 """
 from __future__ import annotations
 
-from conformance.verdicts import sysctl_table
+from conformance.judge import sysctl_table
 
 
 def test_node_sysctls_match_expected(node_facts, settings, measure):

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lab.errors import LabError, UsageError
-from lab.pipeline import Context, Log, down_phases, phase_names, run_phases, up_phases
+from lab.errors import KvmlabError, LabError, UsageError
+from lab.phase import Context, Log
+from lab.pipeline import down_phases, phase_names, run_phases, up_phases
 from lab.spec import Lab, load_lab
 from lab.state import LabState
 
@@ -110,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from lab.artifacts import render_to_dir
+    from lab.render.artifacts import render_to_dir
 
     lab = load_lab(args.config)
     written = render_to_dir(lab, Path(args.output))
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except LabError as exc:
+    except KvmlabError as exc:  # LabError, and ConformanceError from `lab report`
         err.print(f"[red]error:[/red] {escape(exc.message)}")
         if exc.hint:
             err.print(f"[cyan]hint:[/cyan] {escape(exc.hint)}")

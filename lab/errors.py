@@ -1,12 +1,14 @@
-"""Typed errors. Library code raises these; only ``lab.cli`` turns them into exit codes.
+"""Typed errors. Library code raises these; only ``lab.cli`` (and the conformance harness) turn them into exit
+codes.
 
-Every error carries a ``hint``: the next thing the user should run or change.
+Every error carries a ``hint``: the next thing the user should run or change. One base, two families:
+``LabError`` for the provisioner, ``ConformanceError`` (``conformance.kube``) for the suite.
 """
 from __future__ import annotations
 
 
-class LabError(Exception):
-    """Base error: a message, a hint naming the fix, and the exit code the CLI uses."""
+class KvmlabError(Exception):
+    """Base of every kvmlab error: a message, a hint naming the fix, and the exit code the CLI uses."""
 
     exit_code = 1
 
@@ -19,6 +21,10 @@ class LabError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class LabError(KvmlabError):
+    """An error of the lab provisioner."""
 
 
 class SpecError(LabError):
@@ -55,7 +61,8 @@ class RemoteError(LabError):
 
 
 class WaitTimeout(LabError):
-    """A wait ran past its deadline. The message says what it waited for and how long."""
+    """A wait ran past its deadline (lab and conformance alike). The message says what it waited for, how long,
+    and the last state seen."""
 
 
 class PhaseError(LabError):

@@ -1,4 +1,5 @@
-"""``lab logs``: everything needed to debug a failed run, collected best-effort into one folder.
+"""Logs for debugging: what a failing phase saves (``save_log``, ``save_journals``) and ``lab logs``, which
+collects everything needed to debug a failed run, best-effort, into one folder.
 
 Per node: serial console, domain XML, cloud-init logs, the boot journal, kubelet and containerd journals,
 dmesg. Plus the tool's own phase logs and state record. What could not be collected is listed in INDEX.txt.
@@ -9,8 +10,8 @@ import shutil
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.phases.nodes import console_log_path
-from lab.pipeline import Context
+from lab.layout import console_log_path
+from lab.phase import Context
 
 NODE_COMMANDS = {
     "cloud-init.log": "sudo -n cat /var/log/cloud-init.log",
@@ -37,6 +38,25 @@ def collect_logs(ctx: Context, out: Path) -> Path:
         index += _collect_node(ctx, node.name, out / node.name)
     (out / "INDEX.txt").write_text("\n".join(index) + "\n")
     return out
+
+
+def save_log(ctx: Context, name: str, text: str) -> Path:
+    ctx.state.logs.mkdir(parents=True, exist_ok=True)
+    path = ctx.state.logs / name
+    path.write_text(text)
+    return path
+
+
+def save_journals(ctx: Context, node: str) -> None:
+    """kubelet and containerd journals of ``node`` into the logs dir (for `lab logs`), best effort."""
+    try:
+        host = ctx.host(node)
+        for unit in ("kubelet", "containerd"):
+            res = host.run("journalctl", "--no-pager", "-o", "short-iso", "-n", "400", "-u", unit, check=False,
+                           sudo=True, timeout=60)
+            save_log(ctx, f"{node}-{unit}.journal.log", res.stdout + res.stderr)
+    except Exception as exc:  # noqa: BLE001 - never hide the original failure behind this one
+        ctx.log.warn(f"could not collect journals from {node}: {exc}")
 
 
 def _collect_node(ctx: Context, node: str, out: Path) -> list[str]:

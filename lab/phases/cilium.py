@@ -6,13 +6,14 @@ import json
 from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
-from lab.phases.cluster import (ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out,
-                                deployment_rolled_out, fetch_kubeconfig, skip_without_kubernetes, wait_for)
-from lab.pipeline import Phase
+from lab.kubeconfig import fetch_kubeconfig
+from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out
+from lab.phase import Phase, skip_without_kubernetes
 from lab.render.cilium import CHART, CHART_REPO, NAMESPACE, RELEASE, cilium_values, render_cilium_values
+from lab.wait import wait_for
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 VALUES_PATH = f"{LAB_DIR}/cilium-values.yaml"
 

@@ -1,7 +1,7 @@
 """Down: remove exactly what this lab owns (found by ownership metadata and the lab's own names), in reverse."""
 from __future__ import annotations
 
-from lab.pipeline import Context, Phase
+from lab.phase import Context, Phase
 
 
 class Domains(Phase):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lab.images import resolve_image
-from lab.pipeline import Context, Phase
+from lab.phase import Context, Phase
 
 
 class Image(Phase):

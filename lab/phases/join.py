@@ -5,13 +5,14 @@ import re
 from typing import TYPE_CHECKING
 
 from lab.errors import LabError
-from lab.phases.cluster import (cp_host, kubectl, matches_any, retry_command, save_journals,
-                                skip_without_kubernetes)
-from lab.pipeline import Phase, run_on_nodes
+from lab.kubectl import cp_host, kubectl
+from lab.logs import save_journals
+from lab.phase import Phase, run_on_nodes, skip_without_kubernetes
 from lab.render.kubeadm import join_configuration
+from lab.wait import matches_any, retry_command
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 JOIN_YAML = "/run/lab/kubeadm-join.yaml"  # tmpfs: the token never reaches the node's disk
 TOKEN_TTL = "15m"

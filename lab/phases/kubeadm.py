@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
-from lab.phases.cluster import (ADMIN_CONF, LAB_DIR, cp_host, kubectl, save_journals, save_log,
-                                skip_without_kubernetes)
-from lab.pipeline import Phase
+from lab.kubectl import ADMIN_CONF, LAB_DIR, cp_host, kubectl
+from lab.logs import save_journals, save_log
+from lab.phase import Phase, skip_without_kubernetes
 from lab.render.kubeadm import control_plane, render_kubeadm
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 KUBEADM_YAML = f"{LAB_DIR}/kubeadm.yaml"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lab.phases.cluster import fetch_kubeconfig, skip_without_kubernetes
-from lab.pipeline import Phase
+from lab.kubeconfig import fetch_kubeconfig
+from lab.phase import Phase, skip_without_kubernetes
 from lab.state import write_private
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 
 class Kubeconfig(Phase):

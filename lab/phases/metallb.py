@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lab.phases.cluster import (LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
-                                fetch_kubeconfig, kubectl, matches_any, retry_command, skip_without_kubernetes,
-                                wait_for)
-from lab.pipeline import Phase
+from lab.errors import LabError
+from lab.kubeconfig import fetch_kubeconfig
+from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out, kubectl
+from lab.phase import Phase, skip_without_kubernetes
 from lab.render.metallb import (API, NAMESPACE, metallb_documents, native_manifest_url, pool_addresses, pool_name,
                                 l2_name, render_metallb)
+from lab.wait import matches_any, retry_command, wait_for
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
 
 CONFIG_PATH = f"{LAB_DIR}/metallb.yaml"
 WEBHOOK_SERVICE = "metallb-webhook-service"
@@ -86,10 +87,8 @@ class Metallb(Phase):
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(CONFIG_PATH, render_metallb(lab), mode=0o600)
-        retry_command(host, "kubectl", "--kubeconfig=/etc/kubernetes/admin.conf", "apply", "-f", CONFIG_PATH,
+        retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", "apply", "-f", CONFIG_PATH,
                       sudo=True, what="applying metallb.yaml (IPAddressPool + L2Advertisement)",
                       deadline_s=lab.timeouts.webhook, transient=webhook_not_ready, interval=3.0, log=ctx.log.info)
         if not pool_applied(kubeconfig, lab):
-            from lab.errors import LabError
-
             raise LabError("metallb.yaml applied but the pool read back differs", hint="`lab render` and compare")

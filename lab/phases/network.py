@@ -1,7 +1,7 @@
 """Network: the lab's libvirt network (nat/isolated) with a DHCP reservation per node."""
 from __future__ import annotations
 
-from lab.pipeline import Context, Phase
+from lab.phase import Context, Phase
 from lab.virt.xml import network_xml
 
 

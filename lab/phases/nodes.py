@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 from lab.errors import LabError
-from lab.phases.storage import base_volumes, node_volumes
-from lab.pipeline import Context, Phase, run_on_nodes
-from lab.spec import Lab, NodeSpec
+from lab.layout import base_volumes, console_log_path, node_volumes
+from lab.phase import Context, Phase, run_on_nodes
+from lab.spec import NodeSpec
 from lab.virt.xml import domain_xml
-
-
-def console_log_path(lab: Lab, node: NodeSpec | str) -> str:
-    return f"/var/log/libvirt/qemu/{lab.domain_name(node)}-serial.log"
 
 
 class Nodes(Phase):

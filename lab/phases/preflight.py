@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lab.errors import LabError, VirtError
-from lab.pipeline import Context, Phase
+from lab.phase import Context, Phase
 from lab.virt.xml import parse_owner
 
 GIB = 1024 ** 3

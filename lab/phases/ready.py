@@ -2,23 +2,16 @@
 DaemonSet (checked with the kubernetes client from the host; the Cilium agent's own status over SSH)."""
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
-from lab.phases.cluster import (api_client, cp_host, fetch_kubeconfig, kubectl, node_ready, not_ready, pod_ready,
-                                skip_without_kubernetes, wait_for)
-from lab.pipeline import Phase
+from lab.cilium_status import kpr_mode
+from lab.kubeconfig import fetch_kubeconfig
+from lab.kubectl import api_client, cp_host, kubectl, node_ready, not_ready, pod_ready
+from lab.phase import Phase, skip_without_kubernetes
+from lab.wait import wait_for
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
-
-
-def kpr_mode(status_json: str) -> str | None:
-    """``kube-proxy-replacement.mode`` from ``cilium-dbg status -o json`` ("True" when active)."""
-    try:
-        return (json.loads(status_json).get("kube-proxy-replacement") or {}).get("mode")
-    except (ValueError, AttributeError):
-        return None
+    from lab.phase import Context
 
 
 def cluster_problems(ctx: "Context", kubeconfig: str) -> list[str]:

@@ -12,11 +12,11 @@ import tomllib
 from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
-from lab.pipeline import Phase, run_on_nodes
+from lab.phase import Phase, run_on_nodes
 from lab.spec import K8S_VERSION
 
 if TYPE_CHECKING:
-    from lab.pipeline import Context
+    from lab.phase import Context
     from lab.remote.host import Host
     from lab.spec import Lab
 

@@ -5,11 +5,9 @@ only ever reads files inside the pool (no permission trouble with the user's cac
 """
 from __future__ import annotations
 
-import re
-
 from lab.errors import LabError
-from lab.images import ResolvedImage
-from lab.pipeline import Context, Phase
+from lab.layout import base_volumes, node_volumes
+from lab.phase import Context, Phase
 from lab.remote.host import new_client_key
 from lab.spec import NodeSpec
 from lab.state import write_private
@@ -17,19 +15,6 @@ from lab.virt import seed
 from lab.virt.xml import pool_xml, volume_xml
 
 GIB = 1024 ** 3
-
-
-def base_volumes(image: ResolvedImage) -> dict[str, str]:
-    """role -> volume name for the image's files (by image name: ``render`` knows it without a download)."""
-    tag = re.sub(r"[^A-Za-z0-9.-]", "-", re.sub(r"\.qcow2$", "", image.name))
-    if image.format == "kernel":
-        return {"disk": f"base-{tag}-rootfs", "kernel": f"base-{tag}-vmlinuz", "initrd": f"base-{tag}-initrd"}
-    return {"disk": f"base-{tag}.qcow2"}
-
-
-def node_volumes(node: NodeSpec | str) -> dict[str, str]:
-    name = node if isinstance(node, str) else node.name
-    return {"disk": f"{name}.qcow2", "seed": f"{name}-cidata.img"}
 
 
 def ensure_client_key(ctx: Context) -> str:

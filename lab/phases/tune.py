@@ -2,24 +2,17 @@
 from __future__ import annotations
 
 from lab.errors import RemoteError
-from lab.pipeline import Context, Phase, run_on_nodes
+from lab.phase import Context, Phase, run_on_nodes
 from lab.remote.host import Host
-from lab.render.tuning import MODULES_PATH, SYSCTL_PATH, modules_conf, normalize, sysctl_conf
+from lab.render.tuning import MODULES_PATH, SYSCTL_PATH, modules_conf, sysctl_conf
+from lab.sysctl import normalize, parse_values, read_command
+from lab.table import render_table
 
 
 def read_back(host: Host, expected: dict[str, str]) -> dict[str, str | None]:
-    """The node's actual value for each expected sysctl (None where the key does not exist).
-
-    Through sudo: sysctl lives in /usr/sbin, which is not on an ordinary user's PATH on Debian."""
+    """The node's actual value for each expected sysctl (None where the key does not exist), as root."""
     names = list(expected)
-    script = 'for k in "$@"; do printf "%s\\t" "$k"; sysctl -n "$k" 2>/dev/null || echo "<missing>"; done'
-    out = host.run("sh", "-c", script, "sh", *names, sudo=True).stdout
-    actual: dict[str, str | None] = {}
-    for line in out.splitlines():
-        if "\t" in line:
-            key, value = line.split("\t", 1)
-            actual[key] = None if value == "<missing>" else normalize(value)
-    return actual
+    return parse_values(host.run(*read_command(names), sudo=True).stdout, names)
 
 
 def mismatches(expected: dict[str, str], actual: dict[str, str | None]) -> list[tuple[str, str, str]]:
@@ -28,10 +21,7 @@ def mismatches(expected: dict[str, str], actual: dict[str, str | None]) -> list[
 
 def mismatch_table(rows: list[tuple[str, str, str, str]]) -> str:
     """rows: (node, sysctl, expected, actual) -> an aligned text table."""
-    head = ("node", "sysctl", "expected", "actual")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*r) for r in [head, *rows])
+    return render_table([("node", "sysctl", "expected", "actual"), *rows])
 
 
 class Tune(Phase):

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 from lab.errors import RemoteError, WaitTimeout
-from lab.phases.nodes import console_log_path
-from lab.pipeline import Context, Phase, run_on_nodes
+from lab.layout import console_log_path
+from lab.phase import Context, Phase, run_on_nodes
 from lab.spec import NodeSpec
 from lab.state import write_private
 

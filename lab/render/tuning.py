@@ -16,8 +16,3 @@ def sysctl_conf(lab: Lab) -> str:
 
 def modules_conf(lab: Lab) -> str:
     return "".join(f"{m}\n" for m in [f"# Written by lab for lab {lab.name}.", *lab.tuning.modules])
-
-
-def normalize(value: str) -> str:
-    """sysctl prints multi-value settings tab-separated; compare them with single spaces."""
-    return " ".join(str(value).split())

@@ -10,7 +10,7 @@ import pytest
 
 from conformance import policies
 from conformance.expect import Expect, Target
-from conformance.oracle import Cluster, External, Pod, expected_table, selector_matches
+from conformance.oracle import PolicyModel, External, Pod, expected_table, selector_matches
 
 NAMESPACES = {"a": {"team": "a"}, "b": {"team": "b", "env": "prod"}, "c": {"team": "c"}, "kube-system": {}}
 PODS = [
@@ -125,7 +125,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_catalogue(name):
     policies_, allowed = CASES[name]
-    table = expected_table(Cluster(NAMESPACES, PODS, EXTERNALS, policies_), SOURCES, TARGETS)
+    table = expected_table(PolicyModel(NAMESPACES, PODS, EXTERNALS, policies_), SOURCES, TARGETS)
     got = {cid for cid, v in table.by_id().items() if v is Expect.CONNECTED}
     assert got == allowed, (f"wrongly allowed: {sorted(got - allowed)}\nwrongly blocked: {sorted(allowed - got)}\n"
                             + table.render())
@@ -139,9 +139,9 @@ def test_default_deny_steps_match_the_check():
         policies.allow_egress_to("a", "fe-be", {"app": "frontend"}, "b", {"app": "backend"}, 8080),
         policies.allow_ingress_from("b", "be-fe", {"app": "backend"}, "a", {"app": "frontend"}, 8080)]
     inside = cells(["a/frontend", "a/other", "b/db"], TARGETS) | cells(["c/client"], [BE80, BE80U, BE90, DB, FE])
-    table2 = expected_table(Cluster(NAMESPACES, PODS, EXTERNALS, step2), SOURCES, TARGETS)
+    table2 = expected_table(PolicyModel(NAMESPACES, PODS, EXTERNALS, step2), SOURCES, TARGETS)
     assert {c for c, v in table2.by_id().items() if v is Expect.CONNECTED} == ALL - inside
-    table3 = expected_table(Cluster(NAMESPACES, PODS, EXTERNALS, step3), SOURCES, TARGETS)
+    table3 = expected_table(PolicyModel(NAMESPACES, PODS, EXTERNALS, step3), SOURCES, TARGETS)
     allowed3 = (ALL - inside) | cells(["a/frontend"], [BE80]) | cells(["a/frontend", "a/other", "b/db"], [DNS])
     assert {c for c, v in table3.by_id().items() if v is Expect.CONNECTED} == allowed3
 

@@ -12,21 +12,25 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from lab.cilium_status import kpr_mode
 from lab.errors import LabError, RemoteError, WaitTimeout
-from lab.phases import cluster
+from lab.kubeconfig import rewrite_server
+from lab.kubectl import api_client, daemonset_rolled_out, deployment_rolled_out, node_ready, not_ready, pod_ready
 from lab.phases.cilium import Cilium
 from lab.phases.join import Join, api_not_ready, parse_join_command
 from lab.phases.kubeadm import Kubeadm, init_failure
 from lab.phases.kubeconfig import Kubeconfig
 from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
-from lab.phases.ready import Ready, kpr_mode
+from lab.phases.ready import Ready
 from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
                                 fstab_without_swap, k8s_repo_line)
-from lab import pipeline
-from lab.pipeline import Context, Log, phase_names, run_phases, up_phases
+from lab.phase import Context, Log, run_on_nodes
+from lab.pipeline import phase_names, run_phases, up_phases
 from lab.remote.host import CommandResult, LocalHost
 from lab.spec import load_lab, parse_lab
 from lab.state import LabState
+from lab.status import kubernetes_status
+from lab.wait import retry_command, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_PHASES = [Kubeadm, Join, Cilium, Metallb, Ready, Kubeconfig]
@@ -100,7 +104,7 @@ def calls(tmp_path: Path) -> int:
 
 def test_retry_succeeds_after_transient_failures(tmp_path):
     cmd = scripted_command(tmp_path, 3, "dial tcp 10.0.0.1:6443: connect: connection refused")
-    result = cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30,
+    result = retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30,
                                    transient=api_not_ready, interval=0.05)
     assert result.ok and "done after 4 calls" in result.stdout and calls(tmp_path) == 4
 
@@ -108,7 +112,7 @@ def test_retry_succeeds_after_transient_failures(tmp_path):
 def test_retry_runs_cleanup_between_attempts(tmp_path):
     cmd = scripted_command(tmp_path, 2, "could not find a JWS signature in the cluster-info ConfigMap")
     cleanups = []
-    cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
+    retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
                           interval=0.05, before_retry=lambda: cleanups.append(1))
     assert len(cleanups) == 2
 
@@ -116,7 +120,7 @@ def test_retry_runs_cleanup_between_attempts(tmp_path):
 def test_real_error_is_not_retried_and_surfaces_its_lines(tmp_path):
     cmd = scripted_command(tmp_path, 5, "[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: already exists")
     with pytest.raises(RemoteError) as err:
-        cluster.retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
+        retry_command(LocalHost(), cmd, what="scripted join", deadline_s=30, transient=api_not_ready,
                               interval=0.05)
     assert calls(tmp_path) == 1
     assert "FileAvailable--etc-kubernetes-kubelet.conf" in err.value.message
@@ -128,7 +132,7 @@ def test_retry_gives_up_at_the_deadline_with_the_last_output(tmp_path):
                                              "\"ipaddresspoolvalidationwebhook.metallb.io\": connection refused")
     start = time.monotonic()
     with pytest.raises(WaitTimeout) as err:
-        cluster.retry_command(LocalHost(), cmd, what="applying scripted pool", deadline_s=1.5,
+        retry_command(LocalHost(), cmd, what="applying scripted pool", deadline_s=1.5,
                               transient=webhook_not_ready, interval=0.2)
     elapsed = time.monotonic() - start
     assert 1.0 <= elapsed < 5
@@ -139,7 +143,7 @@ def test_retry_gives_up_at_the_deadline_with_the_last_output(tmp_path):
 def test_a_hung_attempt_is_bounded_by_the_deadline(tmp_path):
     start = time.monotonic()
     with pytest.raises(WaitTimeout):
-        cluster.retry_command(LocalHost(), "sleep 30", what="scripted hang", deadline_s=1.0,
+        retry_command(LocalHost(), "sleep 30", what="scripted hang", deadline_s=1.0,
                               transient=lambda r: True, interval=0.1)
     assert time.monotonic() - start < 5
 
@@ -196,7 +200,7 @@ def test_parse_join_command():
 
 def test_wait_for_returns_when_the_probe_passes():
     seen = iter([(False, "0/3"), (False, "2/3"), (True, "3/3")])
-    assert cluster.wait_for("three of three", 5, lambda: next(seen), interval=0.01) == "3/3"
+    assert wait_for("three of three", 5, lambda: next(seen), interval=0.01) == "3/3"
 
 
 def test_wait_for_times_out_with_what_and_last_detail():
@@ -204,21 +208,57 @@ def test_wait_for_times_out_with_what_and_last_detail():
         raise ConnectionRefusedError("connection refused")
 
     with pytest.raises(WaitTimeout) as err:
-        cluster.wait_for("Cilium agent DaemonSet rolled out", 0.3, probe, interval=0.05)
+        wait_for("Cilium agent DaemonSet rolled out", 0.3, probe, interval=0.05)
     assert "Cilium agent DaemonSet rolled out" in err.value.message and "connection refused" in err.value.message
 
 
 def test_wait_for_does_not_swallow_lab_errors():
     def probe():
-        raise RemoteError("node gone", hint="x")
+        raise LabError("spec says no", hint="x")  # not a transport failure: never "not yet"
 
-    with pytest.raises(RemoteError):
-        cluster.wait_for("x", 5, probe, interval=0.01)
+    with pytest.raises(LabError):
+        wait_for("x", 5, probe, interval=0.01)
+
+
+@pytest.mark.parametrize("exc", [RemoteError("ssh: connection lost"), ConnectionResetError("reset by peer"),
+                                 TimeoutError("timed out"), k8s.ApiException(status=503, reason="Unavailable"),
+                                 k8s.ApiException(status=0, reason="no response")],
+                         ids=["RemoteError", "ConnectionReset", "timeout", "api-503", "api-0"])
+def test_wait_for_counts_transport_errors_as_not_yet(exc):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        if len(calls) < 3:
+            raise exc
+        return True, "up"
+
+    assert wait_for("the API server", 5, probe, interval=0.01) == "up" and len(calls) == 3
+    with pytest.raises(WaitTimeout) as err:
+        wait_for("the API server", 0.1, lambda: (_ for _ in ()).throw(exc), interval=0.02)
+    assert "the API server" in err.value.message and type(exc).__name__ in err.value.message
+
+
+@pytest.mark.parametrize("exc", [KeyError("status"), ValueError("bad JSON"), TypeError("None is not iterable"),
+                                 k8s.ApiException(status=404, reason="Not Found"),
+                                 k8s.ApiException(status=403, reason="Forbidden")],
+                         ids=["KeyError", "ValueError", "TypeError", "api-404", "api-403"])
+def test_wait_for_propagates_what_is_not_transport(exc):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        raise exc
+
+    started = time.monotonic()
+    with pytest.raises(type(exc)):
+        wait_for("x", 5, probe, interval=0.01)
+    assert len(calls) == 1 and time.monotonic() - started < 1
 
 
 def test_run_on_nodes_is_concurrent_and_reports_every_failure():
     start = time.monotonic()
-    pipeline.run_on_nodes(["a", "b", "c"], lambda n: time.sleep(0.5))
+    run_on_nodes(["a", "b", "c"], lambda n: time.sleep(0.5))
     assert time.monotonic() - start < 1.2
 
     def work(name):
@@ -226,7 +266,7 @@ def test_run_on_nodes_is_concurrent_and_reports_every_failure():
             raise RemoteError(f"{name} broke", hint="fix it")
 
     with pytest.raises(RemoteError) as err:
-        pipeline.run_on_nodes(["a", "b", "c"], work)
+        run_on_nodes(["a", "b", "c"], work)
     assert "2 of 3" in err.value.message and "b broke" in err.value.message and "c broke" in err.value.message
 
 
@@ -242,31 +282,31 @@ def test_daemonset_rollout_predicate():
     ds = k8s.V1DaemonSet(metadata=meta("cilium", 2), spec=spec, status=k8s.V1DaemonSetStatus(
         current_number_scheduled=3, desired_number_scheduled=3, number_misscheduled=0, number_ready=3,
         number_available=3, updated_number_scheduled=3, observed_generation=2))
-    assert cluster.daemonset_rolled_out(ds)[0]
+    assert daemonset_rolled_out(ds)[0]
     ds.status.updated_number_scheduled = 2
-    ok, detail = cluster.daemonset_rolled_out(ds)
+    ok, detail = daemonset_rolled_out(ds)
     assert not ok and "3/3 available, 2 updated" in detail
     ds.status.updated_number_scheduled, ds.status.observed_generation = 3, 1
-    assert not cluster.daemonset_rolled_out(ds)[0]
+    assert not daemonset_rolled_out(ds)[0]
 
 
 def test_deployment_rollout_predicate():
     dep = k8s.V1Deployment(metadata=meta("cilium-operator"), spec=k8s.V1DeploymentSpec(
         replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
         status=k8s.V1DeploymentStatus(replicas=2, updated_replicas=2, available_replicas=1, observed_generation=1))
-    assert not cluster.deployment_rolled_out(dep)[0]
+    assert not deployment_rolled_out(dep)[0]
     dep.status.available_replicas = 2
-    assert cluster.deployment_rolled_out(dep)[0]
+    assert deployment_rolled_out(dep)[0]
 
 
 def test_node_and_pod_readiness():
     node = k8s.V1Node(metadata=meta("w1"), status=k8s.V1NodeStatus(conditions=[
         k8s.V1NodeCondition(type="Ready", status="False")]))
-    assert cluster.not_ready([node], cluster.node_ready) == ["w1"]
+    assert not_ready([node], node_ready) == ["w1"]
     done = k8s.V1Pod(metadata=meta("job"), status=k8s.V1PodStatus(phase="Succeeded"))
     running = k8s.V1Pod(metadata=meta("coredns"), status=k8s.V1PodStatus(phase="Running", conditions=[
         k8s.V1PodCondition(type="Ready", status="True")]))
-    assert cluster.not_ready([done, running], cluster.pod_ready) == []
+    assert not_ready([done, running], pod_ready) == []
 
 
 def test_webhook_endpoint_readiness():
@@ -305,19 +345,19 @@ users:
 
 
 def test_rewrite_server_keeps_credentials():
-    out = yaml.safe_load(cluster.rewrite_server(ADMIN_CONF.replace("192.168.150.10", "cp1.internal"),
+    out = yaml.safe_load(rewrite_server(ADMIN_CONF.replace("192.168.150.10", "cp1.internal"),
                                                 "https://192.168.150.10:6443"))
     assert out["clusters"][0]["cluster"]["server"] == "https://192.168.150.10:6443"
     assert out["users"][0]["user"]["client-key-data"] == "S0VZ"
-    cluster.api_client(yaml.safe_dump(out))  # the kubernetes client accepts it
+    api_client(yaml.safe_dump(out))  # the kubernetes client accepts it
     with pytest.raises(LabError):
-        cluster.rewrite_server("apiVersion: v1\nkind: Config\n", "https://x:6443")
+        rewrite_server("apiVersion: v1\nkind: Config\n", "https://x:6443")
 
 
 def test_cluster_status_without_kubernetes_or_kubeconfig(tmp_path):
-    assert cluster.cluster_status(ctx_for(ci_lab(), tmp_path)) == {"cluster": "none",
+    assert kubernetes_status(ctx_for(ci_lab(), tmp_path)) == {"cluster": "none",
                                                                    "reason": "kubernetes.enabled is false"}
-    status = cluster.cluster_status(ctx_for(default_lab(), tmp_path))
+    status = kubernetes_status(ctx_for(default_lab(), tmp_path))
     assert status["cluster"] == "absent" and "lab up" in status["hint"]
 
 
@@ -325,7 +365,7 @@ def test_cluster_status_reports_an_unreachable_api(tmp_path):
     ctx = ctx_for(default_lab(), tmp_path)
     ctx.state.kubeconfig.parent.mkdir(parents=True)
     ctx.state.kubeconfig.write_text(ADMIN_CONF.replace("192.168.150.10:6443", "127.0.0.1:9"))
-    assert cluster.cluster_status(ctx)["cluster"] == "unreachable"
+    assert kubernetes_status(ctx)["cluster"] == "unreachable"
 
 
 # ---------------------------------------------------------------------------------------------- runtime pieces

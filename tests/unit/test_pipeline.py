@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lab.errors import LabError, PhaseError
-from lab.pipeline import Context, Log, Phase, run_phases
+from lab.phase import Context, Log, Phase
+from lab.pipeline import run_phases
 from lab.spec import parse_lab
 from lab.state import LabState
 
@@ -84,7 +85,7 @@ def test_ctrl_c_is_not_held_up_by_node_workers(tmp_path):
     marker = tmp_path / "cancelled"
     script = textwrap.dedent(f"""
         import sys, threading, time
-        from lab.pipeline import run_on_nodes
+        from lab.phase import run_on_nodes
         cancel = threading.Event()
         def work(name):
             if cancel.wait(60):
@@ -113,7 +114,7 @@ def test_cli_interrupt_exits_130_at_once(tmp_path):
     script = textwrap.dedent("""
         import sys, threading
         import lab.cli
-        from lab.pipeline import run_on_nodes
+        from lab.phase import run_on_nodes
         def busy(args):
             print("started", flush=True)
             run_on_nodes(["a", "b"], lambda n: threading.Event().wait(60))

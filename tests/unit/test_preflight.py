@@ -15,7 +15,7 @@ import pytest
 from lab.errors import LabError
 from lab.phases import preflight as pf
 from lab.phases.preflight import FirewallFacts, ForwardChain, Preflight
-from lab.pipeline import Context, Log
+from lab.phase import Context, Log
 from lab.spec import parse_lab
 from lab.state import LabState
 from lab.virt.accel import AccelFacts, decide_accel

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from conformance.expect import TRANSPORT_FAILURES, TruthTable, mismatches, render_diff
+from lab.sysctl import normalize
+from lab.table import render_table
 
 CONNTRACK_COUNTERS = ("drop", "early_drop", "insert_failed")
 FRAGMENT_COUNTERS = ("FragCreates", "FragFails", "ReasmReqds", "ReasmFails")
@@ -26,11 +28,6 @@ class MtuFinding(str, enum.Enum):
 
 
 # ---------------------------------------------------------------------------------------------- tuning
-
-
-def normalize_sysctl(value) -> str | None:
-    """sysctl values compare as whitespace-collapsed strings ('4096\\t87380' == '4096 87380')."""
-    return None if value is None else " ".join(str(value).split())
 
 
 @dataclass
@@ -51,15 +48,13 @@ class SysctlTable:
                 text = "(missing)" if value is None else value
                 row.append(f"*{text}*" if (node, name) in bad else text)
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return "\n".join(lines) + (f"\n{len(bad)} mismatch(es) marked *...*" if bad else "\nall match")
+        return render_table(rows) + (f"\n{len(bad)} mismatch(es) marked *...*" if bad else "\nall match")
 
 
 def sysctl_table(expected: dict[str, str], observed: dict[str, dict]) -> SysctlTable:
     names = sorted(expected)
-    table = SysctlTable(names, {n: normalize_sysctl(expected[n]) for n in names},
-                        {node: {n: normalize_sysctl(vals.get(n)) for n in names} for node, vals in observed.items()})
+    table = SysctlTable(names, {n: normalize(expected[n]) for n in names},
+                        {node: {n: normalize(vals.get(n)) for n in names} for node, vals in observed.items()})
     for node in sorted(observed):
         for name in names:
             if table.observed[node][name] != table.expected[name]:
@@ -84,18 +79,6 @@ def kube_proxy_findings(facts: dict[str, dict], host_rules: dict[str, bool | Non
         elif rules is None:
             out.append(f"{node}: could not read iptables or nft rules (neither tool answered)")
     return out
-
-
-KPR = re.compile(r"^\s*KubeProxyReplacement:\s+(\S+)", re.M)
-
-
-def cilium_kpr(status_text: str) -> tuple[bool, str]:
-    """From `cilium-dbg status`: (active, the reported value)."""
-    m = KPR.search(status_text)
-    if not m:
-        return False, "no KubeProxyReplacement line in cilium status"
-    value = m.group(1)
-    return value.lower() in ("true", "strict"), value
 
 
 def kernel_at_least(release: str, minimum=(5, 10)) -> bool:

@@ -14,10 +14,11 @@ import pytest
 
 from conformance import report
 from conformance.expect import Expect, Target, TruthTable, Verdict, mismatches, observed_table, render_diff
-from conformance.verdicts import (MtuFinding, cilium_kpr, conntrack_deltas, default_connections, expected_pod_mtu,
-                                  fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_route_mtu,
-                                  kernel_at_least, kube_proxy_findings, outside_pool_address, parse_link_macs,
-                                  parse_neighbour, poll_table, route_mtu, sysctl_table)
+from conformance.judge import (MtuFinding, conntrack_deltas, default_connections, expected_pod_mtu,
+                               fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_route_mtu,
+                               kernel_at_least, kube_proxy_findings, outside_pool_address, parse_link_macs,
+                               parse_neighbour, poll_table, route_mtu, sysctl_table)
+from lab.cilium_status import cilium_kpr
 from lab.spec import PRODUCTION_SYSCTLS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "netprobe"

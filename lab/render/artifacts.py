@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab.images import ResolvedImage, cache_dir, load_catalog, resolve_image
-from lab.phases.nodes import console_log_path
-from lab.phases.storage import base_volumes, node_volumes
+from lab.layout import base_volumes, console_log_path, node_volumes
 from lab.render import render_cluster
+from lab.remote.host import new_client_key
 from lab.render.tuning import modules_conf, sysctl_conf
 from lab.spec import Lab
-from lab.remote.host import new_client_key
 from lab.state import LabState, write_private
 from lab.virt import seed
 from lab.virt.accel import local_accel

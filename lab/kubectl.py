@@ -1,0 +1,77 @@
+"""Access to the lab's Kubernetes API: kubectl on the control plane with the admin credentials, a kubernetes
+client from kubeconfig text, and the readiness predicates (``kubectl rollout status`` semantics) read through it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import yaml
+
+from lab.render.kubeadm import control_plane
+
+if TYPE_CHECKING:
+    from lab.phase import Context
+    from lab.remote.host import CommandResult, Host
+
+ADMIN_CONF = "/etc/kubernetes/admin.conf"
+LAB_DIR = "/etc/lab"  # where rendered artifacts are put on nodes
+
+
+def cp_host(ctx: "Context") -> "Host":
+    return ctx.host(control_plane(ctx.lab).name)
+
+
+def kubectl(host: "Host", *args: str, check: bool = True, timeout: float | None = None,
+            input: str | None = None) -> "CommandResult":
+    """kubectl on the control plane with the admin credentials (root-only, hence sudo)."""
+    return host.run("kubectl", f"--kubeconfig={ADMIN_CONF}", *args, check=check, sudo=True, timeout=timeout,
+                    input=input)
+
+
+def api_client(kubeconfig_text: str):
+    """A kubernetes ApiClient from kubeconfig text (nothing written to disk)."""
+    from kubernetes import config
+
+    return config.new_client_from_config_dict(yaml.safe_load(kubeconfig_text))
+
+
+# ---------------------------------------------------------------------------------------------- predicates
+
+
+def daemonset_rolled_out(ds) -> tuple[bool, str]:
+    """kubectl rollout status semantics for a DaemonSet (V1DaemonSet)."""
+    st = ds.status
+    want = st.desired_number_scheduled or 0
+    updated, ready = st.updated_number_scheduled or 0, st.number_available or 0
+    gen_ok = (st.observed_generation or 0) >= (ds.metadata.generation or 0)
+    ok = gen_ok and want > 0 and updated == want and ready == want
+    return ok, f"daemonset {ds.metadata.name}: {ready}/{want} available, {updated} updated"
+
+
+def deployment_rolled_out(dep) -> tuple[bool, str]:
+    """kubectl rollout status semantics for a Deployment (V1Deployment)."""
+    st = dep.status
+    want = dep.spec.replicas if dep.spec.replicas is not None else 1
+    updated, available = st.updated_replicas or 0, st.available_replicas or 0
+    gen_ok = (st.observed_generation or 0) >= (dep.metadata.generation or 0)
+    ok = gen_ok and updated == want and available == want and (st.replicas or 0) == want
+    return ok, f"deployment {dep.metadata.name}: {available}/{want} available, {updated} updated"
+
+
+def _condition(obj, kind: str) -> str | None:
+    for cond in (obj.status.conditions or []):
+        if cond.type == kind:
+            return cond.status
+    return None
+
+
+def node_ready(node) -> bool:
+    return _condition(node, "Ready") == "True"
+
+
+def pod_ready(pod) -> bool:
+    """Ready, or a completed run-to-completion pod."""
+    return pod.status.phase == "Succeeded" or _condition(pod, "Ready") == "True"
+
+
+def not_ready(items, ready: Callable, name: Callable = lambda o: o.metadata.name) -> list[str]:
+    return sorted(name(o) for o in items if not ready(o))
