@@ -80,7 +80,10 @@ def test_kubeadm_documents_structure():
     assert cluster["networking"]["podSubnet"] == "10.244.0.0/16"
     assert cluster["networking"]["serviceSubnet"] == "10.96.0.0/12"
     assert cluster["controlPlaneEndpoint"] == f"{cp.ip}:6443"
-    assert "kubernetesVersion" not in cluster  # a bare minor: kubeadm uses its own (pinned) version
+    # Always rendered: without it kubeadm asks dl.k8s.io for stable-1 before falling back to its own version.
+    assert cluster["kubernetesVersion"] == f"v{KUBERNETES_VERSION}"
+    assert cluster["imageRepository"] == "registry.k8s.io"
+    assert init["nodeRegistration"]["imagePullPolicy"] == "IfNotPresent"
     assert kubelet["cgroupDriver"] == "systemd"
     assert ipaddress.IPv4Address(init["localAPIEndpoint"]["advertiseAddress"]) in lab.network.cidr
 
@@ -91,8 +94,32 @@ def test_kube_proxy_installed_when_replacement_is_off():
 
 
 def test_patch_version_is_pinned_in_cluster_configuration():
-    cluster = kubeadm_documents(lab_with(kubernetes__version=f"{KUBERNETES_VERSION}.1"))[1]
-    assert cluster["kubernetesVersion"] == f"v{KUBERNETES_VERSION}.1"
+    cluster = kubeadm_documents(lab_with(kubernetes__version="1.37.1"))[1]
+    assert cluster["kubernetesVersion"] == "v1.37.1"
+
+
+def bundle_lab():
+    return lab_with(kubernetes__source="bundle", cilium__hubble={"relay": True, "ui": False})
+
+
+def test_bundle_source_never_pulls_kubeadm_images():
+    init, cluster, _ = kubeadm_documents(bundle_lab())
+    assert init["nodeRegistration"]["imagePullPolicy"] == "Never"
+    assert cluster["kubernetesVersion"] == "v1.37.2"
+
+
+def test_bundle_cilium_values_name_bundle_images_and_disable_envoy():
+    from lab.bundle.recipe import load_recipe
+
+    values = cilium_values(bundle_lab())
+    refs = set(load_recipe().images)
+    agent, relay, op = values["image"], values["hubble"]["relay"]["image"], values["operator"]["image"]
+    assert f"{agent['repository']}:{agent['tag']}" in refs
+    assert f"{relay['repository']}:{relay['tag']}" in refs
+    assert f"{op['repository']}-generic:{op['tag']}" in refs  # the chart appends -generic
+    assert {agent["pullPolicy"], relay["pullPolicy"], op["pullPolicy"]} == {"Never"}
+    assert agent["useDigest"] is False and values["l7Proxy"] is False
+    assert values["defaultLBServiceIPAM"] == "none"
 
 
 def test_join_configuration_pins_worker_ip_and_carries_token():
