@@ -13,7 +13,9 @@ PYTEST_ARGS ?=
 APT_RUNTIME := libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv \
                qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client
 APT_TEST := $(APT_RUNTIME) libxml2-utils cloud-init mmdebstrap e2fsprogs nftables conntrack iproute2 \
-            wrk tcpdump ethtool procps containerd shellcheck
+            wrk tcpdump ethtool procps containerd shellcheck umoci skopeo
+# The offline bundle from source: Go 1.26 (golang.org toolchain, not Debian's) plus these.
+APT_BUNDLE := mmdebstrap umoci skopeo ca-certificates
 
 # `make lab WORDS...`: the words after `lab` are passed to the CLI, e.g. `make lab up`, `make lab ssh cp1`.
 ifeq (lab,$(firstword $(MAKECMDGOALS)))
@@ -23,13 +25,14 @@ ifeq (lab,$(firstword $(MAKECMDGOALS)))
   endif
 endif
 
-.PHONY: help lab deps sysdeps sysdeps-test venv image libvirtd conformance test test-unit test-e2e bench nightly clean
+.PHONY: help lab deps sysdeps sysdeps-test venv image bundle libvirtd conformance test test-unit test-e2e bench nightly clean
 
 help:
 	@echo "make lab up|down|status|render|ssh NODE|logs  (LAB=$(LAB))"
 	@echo "make conformance   run the conformance suite against the lab's kubeconfig"
 	@echo "make test          install test dependencies, build the offline image, run every test"
 	@echo "make image         build the offline Debian test image into the cache"
+	@echo "make bundle        build the offline Kubernetes/Cilium/MetalLB bundle (FROM=release to fetch)"
 	@echo "make deps          system packages and the virtualenv"
 
 lab: deps libvirtd
@@ -59,6 +62,13 @@ libvirtd:
 
 image: sysdeps-test
 	bash images/offline/build.sh
+
+# The offline bundle (Kubernetes, Cilium, MetalLB, probe image), cached by recipe hash in ~/.cache/kvmlab/bundles.
+# FROM=release fetches official artefacts instead of building (a host with internet).
+bundle: venv
+	@bash scripts/apt-ensure.sh $(APT_BUNDLE)
+	@command -v go >/dev/null || { echo "bundle: Go 1.26 is needed to build from source (https://go.dev/dl)"; exit 2; }
+	$(VENV)/bin/lab bundle build --from $(or $(FROM),source)
 
 # Against the lab's kubeconfig (.lab/<name>/kubeconfig) by default; KUBECONFIG or --kubeconfig for any cluster.
 conformance: venv

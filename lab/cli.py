@@ -172,6 +172,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from lab.bundle.build import build_bundle, bundle_dir, current_bundle
+    from lab.bundle.manifest import summary, verify
+
+    if args.action == "build":
+        path, manifest, seconds = build_bundle(args.source, force=args.force, release_base=args.release_base,
+                                               say=lambda m: err.print(f"  {escape(m)}"))
+        err.print(f"[green]bundle[/green] {path}: {summary(manifest)} in {seconds:.0f}s")
+        print(path)
+    elif args.action == "path":
+        print(bundle_dir())
+    else:
+        path = Path(args.dir) if args.dir else current_bundle()[0]
+        manifest = verify(path)
+        err.print(f"[green]bundle {path} verified[/green]: {summary(manifest)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="KVM lab provisioner")
     common = argparse.ArgumentParser(add_help=False)
@@ -200,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output directory")
     p.set_defaults(func=cmd_logs)
     sub.add_parser("kubeconfig", parents=[common], help="print the kubeconfig path").set_defaults(func=cmd_kubeconfig)
+    p = sub.add_parser("bundle", help="the offline bundle: build it, print its path, verify it")
+    p.add_argument("action", choices=["build", "path", "verify"])
+    p.add_argument("--from", dest="source", choices=["source", "release"], default="source",
+                   help="source: build from the Go modules pinned in bundle/go (here); release: fetch the official "
+                        "release artefacts (a host with internet)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a verified bundle exists")
+    p.add_argument("--release-base", help="with --from release: one mirror base URL for every HTTP download")
+    p.add_argument("dir", nargs="?", help="with verify: a bundle directory (default: the current recipe's)")
+    p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("report", help="compare two conformance reports (A = baseline, B = candidate)")
     p.add_argument("a")
     p.add_argument("b")

@@ -122,7 +122,7 @@ class SourceBuild:
         if target.exists():
             run(["rm", "-rf", "--one-file-system", str(target)], what=f"removing the old root {name}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        debs = self.work.parent / "debs"
+        debs = self.work / "debs"
         debs.mkdir(parents=True, exist_ok=True)
         self.say(f"root {name}: mmdebstrap {DEBIAN_SUITE} + {', '.join(root.packages)}")
         started = time.monotonic()

@@ -18,9 +18,22 @@ if TYPE_CHECKING:
 VALUES_PATH = f"{LAB_DIR}/cilium-values.yaml"
 
 
-def helm_args(verb: str, version: str) -> list[str]:
-    return [f"KUBECONFIG={ADMIN_CONF}", "helm", verb, RELEASE, CHART, "--repo", CHART_REPO, "--version", version,
-            "--namespace", NAMESPACE, "--values", VALUES_PATH]
+def helm_args(verb: str, version: str, chart_file: str | None = None) -> list[str]:
+    """helm VERB for the pinned chart: from the chart repository, or a chart archive side-loaded from the bundle."""
+    chart = [chart_file] if chart_file else [CHART, "--repo", CHART_REPO, "--version", version]
+    return [f"KUBECONFIG={ADMIN_CONF}", "helm", verb, RELEASE, *chart, "--namespace", NAMESPACE,
+            "--values", VALUES_PATH]
+
+
+def upload_bundle_chart(ctx: "Context", host) -> str:
+    """Put the bundle's Cilium chart on the control plane; return its path there."""
+    from lab.bundle.build import current_bundle
+
+    directory, manifest = current_bundle()
+    entry = next(e for e in manifest.of_kind("chart") if e.component == CHART)
+    path = f"{LAB_DIR}/{entry.path.rsplit('/', 1)[-1]}"
+    host.put_file(directory / entry.path, path, mode=0o600)
+    return path
 
 
 def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
@@ -69,12 +82,13 @@ class Cilium(Phase):
         host = cp_host(ctx)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(VALUES_PATH, render_cilium_values(lab), mode=0o600)
-        check = host.run("env", *helm_args("template", lab.cilium.version), check=False, sudo=True,
+        chart_file = upload_bundle_chart(ctx, host) if lab.kubernetes.source == "bundle" else None
+        check = host.run("env", *helm_args("template", lab.cilium.version, chart_file), check=False, sudo=True,
                          timeout=lab.timeouts.command)
         if not check.ok:
             raise RemoteError(f"Cilium chart {lab.cilium.version} rejects the rendered values:\n{check.tail()}",
                               hint="check cilium.values and cilium.version in the spec; `lab render` shows the values")
         ctx.log.info(f"helm upgrade --install cilium {lab.cilium.version}")
-        host.run("env", *helm_args("upgrade", lab.cilium.version), "--install", sudo=True,
+        host.run("env", *helm_args("upgrade", lab.cilium.version, chart_file), "--install", sudo=True,
                  timeout=lab.timeouts.command)
         wait_rollout(ctx, fetch_kubeconfig(ctx), lab.timeouts.rollout)

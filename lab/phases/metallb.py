@@ -63,6 +63,18 @@ def pool_applied(kubeconfig: str, lab) -> bool:
             and l2["spec"].get("ipAddressPools") == metallb_documents(lab)[1]["spec"]["ipAddressPools"])
 
 
+def upload_bundle_manifest(host) -> str:
+    """Put the bundle's MetalLB native manifest on the control plane; return its path there."""
+    from lab.bundle.build import current_bundle
+
+    directory, manifest = current_bundle()
+    entry = next(e for e in manifest.of_kind("manifest") if e.component == "metallb")
+    path = f"{LAB_DIR}/{entry.path.rsplit('/', 1)[-1]}"
+    host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
+    host.put_file(directory / entry.path, path, mode=0o600)
+    return path
+
+
 class Metallb(Phase):
     name = "metallb"
 
@@ -80,9 +92,11 @@ class Metallb(Phase):
     def run(self, ctx: "Context") -> None:
         lab = ctx.lab
         host = cp_host(ctx)
-        url = native_manifest_url(lab.metallb.version)
-        ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest")
-        kubectl(host, "apply", "-f", url, timeout=lab.timeouts.command)
+        source = native_manifest_url(lab.metallb.version)
+        if lab.kubernetes.source == "bundle":
+            source = upload_bundle_manifest(host)
+        ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest ({source})")
+        kubectl(host, "apply", "-f", source, timeout=lab.timeouts.command)
         kubeconfig = fetch_kubeconfig(ctx)
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)

@@ -131,7 +131,12 @@ def verify_runtime(host: "Host", lab: "Lab | None" = None, control_plane: bool =
     fstab = run("cat", "/etc/fstab").stdout
     if fstab != fstab_without_swap(fstab):
         problems.append("/etc/fstab still has an active swap entry")
-    if lab is not None and lab.kubernetes.enabled:
+    if lab is not None and lab.kubernetes.enabled and lab.kubernetes.source == "bundle":
+        from lab.bundle.build import current_bundle
+        from lab.phases.sideload import sideload_problems
+
+        problems += sideload_problems(host, current_bundle()[1], control_plane)
+    elif lab is not None and lab.kubernetes.enabled:
         problems += _verify_kubernetes_packages(run, lab)
         if control_plane:
             version = run("helm", "version", "--template", "{{.Version}}").stdout.strip()
@@ -173,13 +178,23 @@ class Runtime(Phase):
         lab = ctx.lab
         cp = lab.control_planes[0].name if lab.control_planes else None
         hosts = {n.name: ctx.host(n.name) for n in lab.nodes}  # connect in this thread, work in many
+        bundle = None
+        if lab.kubernetes.enabled and lab.kubernetes.source == "bundle":
+            from lab.bundle.build import current_bundle
+
+            bundle = current_bundle()
+            ctx.log.info(f"side-loading bundle {bundle[1].recipe_sha256[:12]} ({bundle[0]})")
 
         def prepare(name: str) -> None:
             host = hosts[name]
             swap_off(host)
             ensure_containerd(host, lab)
             configure_containerd(host)
-            if lab.kubernetes.enabled:
+            if bundle is not None:
+                from lab.phases.sideload import sideload
+
+                sideload(host, bundle[0], bundle[1], name == cp, ctx.log.info)
+            elif lab.kubernetes.enabled:
                 install_kubernetes_packages(host, lab)
                 if name == cp:
                     install_helm(host)
