@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 APT_RUNTIME := libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv \
                qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client
 APT_TEST := $(APT_RUNTIME) libxml2-utils cloud-init mmdebstrap e2fsprogs nftables conntrack iproute2 \
-            wrk tcpdump ethtool procps containerd shellcheck
+            wrk tcpdump ethtool procps containerd shellcheck umoci skopeo
 
 # `make lab WORDS...`: the words after `lab` are passed to the CLI, e.g. `make lab up`, `make lab ssh cp1`.
 ifeq (lab,$(firstword $(MAKECMDGOALS)))

@@ -156,8 +156,9 @@ def _release_problems(recipe: Recipe, release: Release) -> list[tuple[str, str]]
         have = set(getattr(release, section))
         for name in sorted(wanted - have):
             problems.append((f"release.{section}", f"no source for {name!r}, which the recipe ships"))
+        listed = "node_binaries" if section == "binaries" else section
         for name in sorted(have - wanted):
-            problems.append((f"release.{section}.{name}", f"not in the recipe's {section.replace('binaries', 'node_binaries')}"))
+            problems.append((f"release.{section}.{name}", f"not in the recipe's {listed}"))
     for section in ("binaries", "charts", "manifests"):
         for name, src in getattr(release, section).items():
             if src.build not in recipe.builds:
