@@ -47,6 +47,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self, head=False):
         srv = self.server
         srv.requests.append(self.path)
+        if self.headers.get("Range"):
+            srv.ranges.append((self.path, self.headers["Range"]))
         if self.path.startswith("/v2/"):
             return self.registry(head)
         body = srv.files.get(self.path)
@@ -97,7 +99,7 @@ def layout(tmp_path_factory):
 @pytest.fixture
 def server(layout):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests, srv.pulled, srv.layout = {}, [], [], layout
+    srv.files, srv.requests, srv.ranges, srv.pulled, srv.layout = {}, [], [], [], layout
     desc = json.loads((layout / "index.json").read_text())["manifests"][0]
     srv.manifest = (desc["digest"], desc["mediaType"])
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -325,3 +327,21 @@ def test_release_section_checks(tmp_path):
     assert "no source for 'kubectl'" in text
     assert "exactly one of checksum" in text
     assert "release.build.quay.io/metallb/speaker:v0.16.1" in text
+
+
+def test_a_rerun_reuses_verified_downloads_and_resumes_partial_ones(server, tmp_path):
+    served = publish(server)
+    fetch, src, out = fetcher(server, tmp_path), RECIPE.release.binaries["kubeadm"], out_dir(tmp_path)
+    binary = f"{PREFIX}/release/v1.37.2/bin/linux/amd64/kubeadm"
+    fetch.binary("kubeadm", src, out)
+    part = fetch._dl(server.base + binary)
+    part = part.with_name(part.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    fetch.binary("kubeadm", src, out)  # verified copy in the work directory: only the checksum is fetched again
+    assert server.requests.count(binary) == 1 and server.requests.count(binary + ".sha256") == 2
+    fetch._dl(server.base + binary).unlink()
+    part.write_bytes(served["kubeadm"][:5])  # an interrupted download
+    entry = fetch.binary("kubeadm", src, out)
+    assert server.requests.count(binary) == 2 and server.ranges == [(binary, "bytes=5-")]
+    assert (out / "bin" / "kubeadm").read_bytes() == served["kubeadm"]
+    assert entry.sha256 == hashlib.sha256(served["kubeadm"]).hexdigest()
