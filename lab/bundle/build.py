@@ -30,8 +30,11 @@ def current_bundle() -> tuple[Path, Manifest]:
 
 
 def build_bundle(producer: Producer = "source", *, force: bool = False, release_base: str | None = None,
-                 say: Callable[[str], None] = print) -> tuple[Path, Manifest, float]:
-    """Return (directory, manifest, seconds spent). A verified bundle for this recipe is reused unless ``force``."""
+                 release_registry: str | None = None, say: Callable[[str], None] = print) -> tuple[Path, Manifest, float]:
+    """Return (directory, manifest, seconds spent). A verified bundle for this recipe is reused unless ``force``.
+
+    From release, ``release_base`` (a URL) replaces the scheme and host of every HTTP source, keeping the path, and
+    ``release_registry`` (``host:port``, or ``http://host:port`` for plain HTTP) every image registry."""
     started = time.monotonic()
     recipe = load_recipe()
     sha = recipe_hash(recipe)
@@ -58,7 +61,7 @@ def build_bundle(producer: Producer = "source", *, force: bool = False, release_
         else:
             from lab.bundle.release import ReleaseFetch
 
-            ReleaseFetch(recipe, sha, work, say, base=release_base).assemble(tmp)
+            ReleaseFetch(recipe, sha, work, say, base=release_base, registry=release_registry).assemble(tmp)
         manifest = verify(tmp)
         if out.exists():
             shutil.rmtree(out)

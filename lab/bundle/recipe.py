@@ -54,6 +54,41 @@ class Image(_Model):
     user: str = ""
 
 
+class ReleaseFile(_Model):
+    """A file from an official release host. ``url`` and ``checksum`` are templates: {name} (the key), {version}
+    and {bare} (the build's version with and without "v"); ``checksum`` also takes {url}. Exactly one of
+    ``checksum`` (a published sha256 file) or ``module`` (``<go module>:<path>``, the same file in the Go module
+    at {version}, which the Go checksum database vouches for) says how the file is verified."""
+    build: str                          # key of builds: the component and version
+    url: str
+    checksum: str = ""
+    module: str = ""
+    member: str = ""                    # for a .tar.gz: the one member to take out of it
+
+
+class ReleaseChart(_Model):
+    """A chart from a Helm repository; verified by the ``digest`` (sha256) the repository's index.yaml gives."""
+    build: str
+    repo: str                           # base URL of the repository (index.yaml lives under it)
+    version: str = "{bare}"             # template like ReleaseFile's
+
+
+class ReleaseImage(_Model):
+    """An image of ours, released nowhere: ``base`` (an official image) plus one layer of the image's ``repo:``
+    files, with the recipe's config."""
+    base: str
+
+
+class Release(_Model):
+    """Where ``lab bundle build --from release`` takes each piece. Images of ``images:`` not listed in ``build``
+    are copied from their registries by reference (skopeo verifies every blob digest)."""
+    binaries: dict[str, ReleaseFile]    # output name (as in node_binaries) -> source
+    charts: dict[str, ReleaseChart]     # as in charts
+    manifests: dict[str, ReleaseFile]   # as in manifests
+    build: dict[str, ReleaseImage] = Field(default_factory=dict)   # image ref -> how we build it
+    registry: str = ""                  # optional mirror for every registry host (http://host:port for plain HTTP)
+
+
 class Recipe(_Model):
     kubernetes: str
     builds: dict[str, GoBuild]
@@ -62,6 +97,7 @@ class Recipe(_Model):
     node_binaries: list[str]
     charts: dict[str, str]
     manifests: dict[str, str]
+    release: Release | None = None
 
     def sources(self) -> list[str]:
         """Every source reference the recipe uses (program, module file or repo file)."""
@@ -103,9 +139,42 @@ def _problems(recipe: Recipe) -> list[tuple[str, str]]:
     for ref, img in recipe.images.items():
         if img.root != "static" and img.root not in recipe.roots:
             problems.append((f"images.{ref}.root", f"{img.root!r} is neither 'static' nor one of roots"))
+    if recipe.release is not None:
+        problems += _release_problems(recipe, recipe.release)
     for name, build in recipe.builds.items():
         if not (RECIPE_DIR / "go" / build.module / "go.mod").is_file():
             problems.append((f"builds.{name}.module", f"bundle/go/{build.module}/go.mod does not exist"))
+    return problems
+
+
+def _release_problems(recipe: Recipe, release: Release) -> list[tuple[str, str]]:
+    """release: must give every node binary, chart and manifest the source producer gives, each verified once."""
+    problems: list[tuple[str, str]] = []
+    want = {"binaries": {parse_source(r)[2] for r in recipe.node_binaries if SOURCE.match(r)},
+            "charts": set(recipe.charts), "manifests": set(recipe.manifests)}
+    for section, wanted in want.items():
+        have = set(getattr(release, section))
+        for name in sorted(wanted - have):
+            problems.append((f"release.{section}", f"no source for {name!r}, which the recipe ships"))
+        listed = "node_binaries" if section == "binaries" else section
+        for name in sorted(have - wanted):
+            problems.append((f"release.{section}.{name}", f"not in the recipe's {listed}"))
+    for section in ("binaries", "charts", "manifests"):
+        for name, src in getattr(release, section).items():
+            if src.build not in recipe.builds:
+                problems.append((f"release.{section}.{name}.build", f"{src.build!r} is not one of builds"))
+            if isinstance(src, ReleaseFile) and bool(src.checksum) == bool(src.module):
+                problems.append((f"release.{section}.{name}", "give exactly one of checksum (a URL template) "
+                                 "or module (<go module>:<path>)"))
+            if isinstance(src, ReleaseFile) and src.module and ":" not in src.module:
+                problems.append((f"release.{section}.{name}.module", "use <go module>:<path in the module>"))
+    for ref in release.build:
+        files = recipe.images[ref].files.values() if ref in recipe.images else []
+        if ref not in recipe.images:
+            problems.append((f"release.build.{ref}", "not one of images"))
+        elif any(parse_source(f)[0] != "repo" for f in files if SOURCE.match(f)):
+            problems.append((f"release.build.{ref}", "only images whose files are all repo:path can be built "
+                             "on an official base"))
     return problems
 
 
