@@ -178,6 +178,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     if args.action == "build":
         path, manifest, seconds = build_bundle(args.source, force=args.force, release_base=args.release_base,
+                                               release_registry=args.release_registry,
                                                say=lambda m: err.print(f"  {escape(m)}"))
         err.print(f"[green]bundle[/green] {path}: {summary(manifest)} in {seconds:.0f}s")
         print(path)
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "release artefacts (a host with internet)")
     p.add_argument("--force", action="store_true", help="rebuild even when a verified bundle exists")
     p.add_argument("--release-base", help="with --from release: one mirror base URL for every HTTP download")
+    p.add_argument("--release-registry", help="with --from release: one registry mirror for every image "
+                                              "(host:port, or http://host:port for plain HTTP)")
     p.add_argument("dir", nargs="?", help="with verify: a bundle directory (default: the current recipe's)")
     p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("report", help="compare two conformance reports (A = baseline, B = candidate)")

@@ -181,23 +181,13 @@ class SourceBuild:
         run(["umoci", "init", "--layout", str(layout)], what=f"umoci init for {ref}")
         run(["umoci", "new", "--image", img], what=f"umoci new for {ref}")
         base = self.static_root() if image.root == "static" else self.root_dir(image.root)
-        run(["umoci", "insert", "--image", img, "--history.created_by", f"kvmlab root {image.root}",
-             str(base), "/"], what=f"base layer of {ref}")
         staging = self.work / "staging" / safe
         shutil.rmtree(staging, ignore_errors=True)
-        for dest, src in image.files.items():
-            path = staging / dest.lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            source = self.source_path(src)
-            if source.is_dir():
-                shutil.copytree(source, path, symlinks=False)
-                for p in [path, *path.rglob("*")]:
-                    os.chmod(p, 0o755 if p.is_dir() else 0o644)
-            else:
-                shutil.copyfile(source, path)
-                os.chmod(path, 0o755)
-        run(["umoci", "insert", "--image", img, "--history.created_by", "kvmlab programs", str(staging), "/"],
-            what=f"program layer of {ref}")
+        # unpack + copy + repack, not `umoci insert`: Debian 12's umoci 0.4.7 writes insert layers without the
+        # tar end-of-archive blocks (umoci#436), which strict tar readers reject.
+        self._layer(img, staging, f"kvmlab root {image.root}", lambda rootfs: run(
+            ["cp", "-a", f"{base}/.", str(rootfs)], what=f"copying root {image.root} for {ref}"))
+        self._layer(img, staging, "kvmlab programs", lambda rootfs: self._add_files(image, rootfs))
         config = ["umoci", "config", "--image", img, "--os", "linux", "--architecture", "amd64",
                   "--config.env", PATH_ENV]
         for k, v in image.env.items():
@@ -218,6 +208,57 @@ class SourceBuild:
         shutil.rmtree(layout, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         return archive
+
+    def image_key(self, ref: str, image: Image) -> str:
+        """The inputs of one image: its recipe entry, its root's stamp and the digest of every file it takes."""
+        root = "static" if image.root == "static" else (self.work / "roots" / f"{image.root}.built").read_text()
+        files = []
+        for src in image.files.values():
+            path = self.source_path(src)
+            paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            files += [f"{p.relative_to(path) if path.is_dir() else ''}:{sha256_file(p)}" for p in paths]
+        return _digest(ref, image.model_dump_json(), root, *files)[:24]
+
+    def cached_image(self, ref: str, image: Image, out: Path) -> Path:
+        """The image archive, reused from the work cache when none of its inputs changed."""
+        safe = ref.replace("/", "_").replace(":", "_")
+        cached = self.work / "images" / f"{safe}.{self.image_key(ref, image)}.tar"
+        if not cached.is_file():
+            for stale in (self.work / "images").glob(f"{safe}.*.tar"):
+                stale.unlink()
+            started = time.monotonic()
+            built = self.build_image(ref, image, self.work / "images-new")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            built.rename(cached)
+            self.timings[f"image:{ref}"] = round(time.monotonic() - started, 1)
+        else:
+            self.say(f"image {ref}: up to date")
+        archive = out / "images" / f"{safe}.tar"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        os.link(cached, archive)  # same file system: no copy of hundreds of MB
+        return archive
+
+    def _layer(self, img: str, staging: Path, created_by: str, fill: Callable[[Path], object]) -> None:
+        """One new layer: unpack the image, let ``fill`` change its rootfs, repack the difference."""
+        shutil.rmtree(staging, ignore_errors=True)
+        run(["umoci", "unpack", "--image", img, str(staging)], what=f"umoci unpack of {img}")
+        fill(staging / "rootfs")
+        run(["umoci", "repack", "--image", img, "--history.created_by", created_by, str(staging)],
+            what=f"umoci repack of {img}")
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _add_files(self, image: Image, rootfs: Path) -> None:
+        for dest, src in image.files.items():
+            path = rootfs / dest.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            source = self.source_path(src)
+            if source.is_dir():
+                shutil.copytree(source, path, symlinks=False)
+                for p in [path, *path.rglob("*")]:
+                    os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            else:
+                shutil.copyfile(source, path)
+                os.chmod(path, 0o755)
 
     # ------------------------------------------------------------------------------------------ the bundle
 
@@ -240,9 +281,7 @@ class SourceBuild:
             entries.append(Entry(path=f"bin/{program}", component=component, kind="binary", version=version,
                                  source=f"go:{package}@{version}", sha256=sha256_file(dest)))
         for ref, image in self.recipe.images.items():
-            started = time.monotonic()
-            archive = self.build_image(ref, image, out)
-            self.timings[f"image:{ref}"] = round(time.monotonic() - started, 1)
+            archive = self.cached_image(ref, image, out)
             first = next(iter(image.files.values()))
             kind = parse_source(first)[0]
             component, version = self.component_of(first) if kind == "program" else ("netprobe", ref.split(":")[-1])
