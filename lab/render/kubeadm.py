@@ -51,6 +51,10 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         "kind": "InitConfiguration",
         "localAPIEndpoint": {"advertiseAddress": str(cp.ip), "bindPort": API_PORT},
         "nodeRegistration": _node_registration(lab, cp),
+        # kubeadm's own deadlines follow the spec's: its 4-minute default for a healthy control plane is too short
+        # for an emulated (TCG) node, and a shorter one than ours would fail before our wait does.
+        "timeouts": {"controlPlaneComponentHealthCheck": f"{lab.timeouts.kubeadm}s",
+                     "kubeletHealthCheck": f"{lab.timeouts.kubeadm}s"},
     }
     if lab.cilium.kube_proxy_replacement:
         init["skipPhases"] = ["addon/kube-proxy"]  # Cilium replaces kube-proxy: never install it
@@ -78,7 +82,9 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
 
 
 def dump_documents(docs: list[dict], header: str = "") -> str:
-    return header + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
+    """YAML documents with ``header`` comments inside the first one: kubeadm splits on ``---`` and rejects a
+    comment-only document before it ("kind and apiVersion is mandatory")."""
+    return "---\n" + header + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)[len("---\n"):]
 
 
 def render_kubeadm(lab: Lab) -> str:
@@ -95,5 +101,7 @@ def join_configuration(lab: Lab, node: NodeSpec, token: str, ca_cert_hash: str) 
         "discovery": {"bootstrapToken": {"apiServerEndpoint": api_endpoint(lab), "token": token,
                                          "caCertHashes": [ca_cert_hash]}},
         "nodeRegistration": _node_registration(lab, node),
+        "timeouts": {"tlsBootstrap": f"{lab.timeouts.join}s", "kubeletHealthCheck": f"{lab.timeouts.join}s",
+                     "discovery": f"{lab.timeouts.join}s"},
     }
     return dump_documents([doc])

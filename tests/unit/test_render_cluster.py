@@ -265,3 +265,19 @@ def test_kubernetes_validate_has_the_pinned_minor():
     ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}, "bogus": 1}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ns, f"{KUBERNETES_VERSION}.0", strict=True)
+
+
+def test_kubeadm_yaml_has_no_comment_only_document():
+    """kubeadm splits on '---' and rejects a document without kind/apiVersion (seen with the real kubeadm
+    v1.37.2: "kind and apiVersion is mandatory information"); the header comments live inside the first one."""
+    text = render_cluster(default_lab())["kubeadm.yaml"]
+    chunks = [c for c in text.split("---\n") if c.strip()]
+    assert all("apiVersion:" in c and "kind:" in c for c in chunks), chunks[0][:200]
+
+
+def test_kubeadm_deadlines_follow_the_spec():
+    lab = lab_with(timeouts={"kubeadm": 1234, "join": 567})
+    init = kubeadm_documents(lab)[0]
+    assert init["timeouts"] == {"controlPlaneComponentHealthCheck": "1234s", "kubeletHealthCheck": "1234s"}
+    join = yaml.safe_load(join_configuration(lab, lab.workers[0], "abcdef.0123456789abcdef", "sha256:" + "a" * 64))
+    assert join["timeouts"]["tlsBootstrap"] == "567s"
