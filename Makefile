@@ -25,7 +25,7 @@ ifeq (lab,$(firstword $(MAKECMDGOALS)))
   endif
 endif
 
-.PHONY: help lab deps sysdeps sysdeps-test venv image bundle libvirtd conformance test test-unit test-e2e bench nightly clean
+.PHONY: help lab deps sysdeps sysdeps-test venv image bundle libvirtd conformance test test-cluster test-unit test-e2e bench nightly clean
 
 help:
 	@echo "make lab up|down|status|render|ssh NODE|logs  (LAB=$(LAB))"
@@ -33,6 +33,7 @@ help:
 	@echo "make test          install test dependencies, build the offline image, run every test"
 	@echo "make image         build the offline Debian test image into the cache"
 	@echo "make bundle        build the offline Kubernetes/Cilium/MetalLB bundle (FROM=release to fetch)"
+	@echo "make test-cluster  the real-cluster tier: lab up from the bundle in TCG VMs + conformance against it"
 	@echo "make deps          system packages and the virtualenv"
 
 lab: deps libvirtd
@@ -80,6 +81,12 @@ conformance: venv
 test: sysdeps-test venv image
 	bash scripts/libvirtd-netns.sh start
 	bash scripts/run-tests.sh $(PYTEST_ARGS)
+
+# The real-cluster tier: Kubernetes + Cilium + MetalLB from the offline bundle in TCG VMs, then the conformance
+# suite against it. Builds the bundle first when it is not cached (about an hour from cold on 2 cores).
+test-cluster: sysdeps-test venv image bundle
+	bash scripts/libvirtd-netns.sh start
+	bash scripts/run-cluster-tests.sh $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit tests/libvirt tests/conformance -q $(PYTEST_ARGS)

@@ -3,7 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p results
-.venv/bin/python -m pytest tests -p no:cacheprovider -ra --durations=15 \
+# The real-cluster tier (tests/cluster) has its own target: make test-cluster.
+.venv/bin/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider -ra --durations=15 \
   --junitxml=results/tests-junit.xml "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -43,12 +43,13 @@ def phases_of(state_dir: Path, lab) -> dict:
 class NetnsSsh(Host):
     """A node reached through `lab ssh` (OpenSSH, pinned host key) inside the namespace: a user's own path."""
 
-    def __init__(self, name: str, state_dir: Path):
+    def __init__(self, name: str, state_dir: Path, spec: Path = SPEC):
         self.name = name
         self.state_dir = state_dir
+        self.spec = spec
 
     def _exec(self, line, timeout, input):
-        proc = lab_cli(self.state_dir, "ssh", "-c", str(SPEC), self.name, "--", line, timeout=timeout or 600,
+        proc = lab_cli(self.state_dir, "ssh", "-c", str(self.spec), self.name, "--", line, timeout=timeout or 600,
                        input=input)
         return CommandResult(line, proc.returncode, proc.stdout, proc.stderr)
 

@@ -1,0 +1,82 @@
+"""The bundle against the real tools it carries (no VMs): what kubeadm, helm and the manifests will ask for is
+exactly what the bundle holds, and what we render is accepted by the real kubeadm and the real chart."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from lab.bundle.manifest import verify
+from lab.render import render_cluster
+from lab.spec import load_lab
+
+from clusterlab import SPEC
+
+IMAGE_LINE = re.compile(r"^\s*(?:-\s+)?image:\s*\"?([^\"\s]+)\"?\s*$", re.M)
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def refs(manifest) -> set[str]:
+    return {e.ref for e in manifest.of_kind("image")}
+
+
+def test_bundle_verifies_and_names_every_component(bundle):
+    path, manifest = bundle
+    assert verify(path) == manifest
+    components = {e.component for e in manifest.entries}
+    assert {"kubernetes", "etcd", "coredns", "pause", "helm", "cilium", "metallb", "netprobe"} <= components
+
+
+def test_binaries_carry_their_release_versions(bundle):
+    path, _ = bundle
+    assert run(str(path / "bin/kubeadm"), "version", "-o", "short").stdout.strip() == "v1.37.2"
+    assert run(str(path / "bin/kubelet"), "--version").stdout.strip() == "Kubernetes v1.37.2"
+    assert "v1.37.2" in run(str(path / "bin/kubectl"), "version", "--client").stdout
+    assert run(str(path / "bin/helm"), "version", "--template", "{{.Version}}").stdout.strip().startswith("v4.")
+
+
+def test_every_image_kubeadm_wants_is_in_the_bundle(bundle):
+    path, manifest = bundle
+    out = run(str(path / "bin/kubeadm"), "config", "images", "list", "--kubernetes-version", "v1.37.2")
+    assert out.returncode == 0, out.stderr
+    wanted = set(out.stdout.split())
+    assert wanted and wanted <= refs(manifest), wanted - refs(manifest)
+
+
+def test_rendered_kubeadm_config_passes_the_real_kubeadm(bundle, tmp_path):
+    path, _ = bundle
+    kubeadm_yaml = tmp_path / "kubeadm.yaml"
+    kubeadm_yaml.write_text(render_cluster(load_lab(SPEC))["kubeadm.yaml"])
+    out = run(str(path / "bin/kubeadm"), "config", "validate", "--config", str(kubeadm_yaml))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cilium_chart_renders_only_bundle_images(bundle, tmp_path):
+    """helm template of the bundle's chart with our values: accepted by the chart's schema, and every image the
+    manifests name is one the bundle carries (else a pod would sit in ErrImageNeverPull)."""
+    path, manifest = bundle
+    values = tmp_path / "values.yaml"
+    values.write_text(render_cluster(load_lab(SPEC))["cilium-values.yaml"])
+    chart = next(e for e in manifest.of_kind("chart") if e.component == "cilium")
+    out = run(str(path / "bin/helm"), "template", "cilium", str(path / chart.path), "--namespace", "kube-system",
+              "--values", str(values))
+    assert out.returncode == 0, out.stderr
+    images = set(IMAGE_LINE.findall(out.stdout))
+    assert images, "no image in the rendered chart"
+    assert images <= refs(manifest), images - refs(manifest)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("DaemonSet", "cilium") in kinds and ("Deployment", "hubble-relay") in kinds
+    assert not any(kind == "DaemonSet" and name == "cilium-envoy" for kind, name in kinds)
+
+
+def test_metallb_manifest_names_only_bundle_images(bundle):
+    path, manifest = bundle
+    entry = next(e for e in manifest.of_kind("manifest") if e.component == "metallb")
+    images = set(IMAGE_LINE.findall(Path(path / entry.path).read_text()))
+    assert images and images <= refs(manifest), images - refs(manifest)
