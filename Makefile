@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Debian packages: what `lab up` needs on the hypervisor host, and what our tests need on top.
 APT_RUNTIME := libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv \
-               qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client
+               qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client e2fsprogs
 APT_TEST := $(APT_RUNTIME) libxml2-utils cloud-init mmdebstrap e2fsprogs nftables conntrack iproute2 \
             wrk tcpdump ethtool procps containerd shellcheck umoci skopeo
 # The offline bundle from source: Go 1.26 (golang.org toolchain, not Debian's) plus these.

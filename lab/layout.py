@@ -29,3 +29,12 @@ def node_volumes(node: NodeSpec | str) -> dict[str, str]:
 
 def console_log_path(lab: Lab, node: NodeSpec | str) -> str:
     return f"/var/log/libvirt/qemu/{lab.domain_name(node)}-serial.log"
+
+
+#: virtio serial of the read-only disk that carries the offline bundle into nodes (/dev/disk/by-id/virtio-<serial>).
+BUNDLE_SERIAL = "kvmlab-bundle"
+
+
+def bundle_volume(recipe_sha256: str) -> str:
+    """The pool volume holding the bundle's file system, named by recipe so a new bundle never hides under an old."""
+    return f"bundle-{recipe_sha256[:16]}.img"

@@ -202,6 +202,11 @@ def recipe_hash(recipe: Recipe, recipe_dir: Path = RECIPE_DIR) -> str:
     return h.hexdigest()
 
 
+def current_recipe_hash() -> str:
+    """The recipe hash of this checkout's bundle (known without the bundle being built)."""
+    return recipe_hash(load_recipe())
+
+
 def cache_root() -> Path:
     base = os.environ.get("KVMLAB_BUNDLE_CACHE")
     if base:

@@ -25,15 +25,13 @@ def helm_args(verb: str, version: str, chart_file: str | None = None) -> list[st
             "--values", VALUES_PATH]
 
 
-def upload_bundle_chart(ctx: "Context", host) -> str:
-    """Put the bundle's Cilium chart on the control plane; return its path there."""
+def bundle_chart(host) -> str:
+    """The bundle's Cilium chart on the control plane's bundle disk."""
     from lab.bundle.build import current_bundle
+    from lab.phases.sideload import on_node
 
-    directory, manifest = current_bundle()
-    entry = next(e for e in manifest.of_kind("chart") if e.component == CHART)
-    path = f"{LAB_DIR}/{entry.path.rsplit('/', 1)[-1]}"
-    host.put_file(directory / entry.path, path, mode=0o600)
-    return path
+    manifest = current_bundle()[1]
+    return on_node(host, manifest, next(e for e in manifest.of_kind("chart") if e.component == CHART))
 
 
 def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
@@ -82,7 +80,7 @@ class Cilium(Phase):
         host = cp_host(ctx)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(VALUES_PATH, render_cilium_values(lab), mode=0o600)
-        chart_file = upload_bundle_chart(ctx, host) if lab.kubernetes.source == "bundle" else None
+        chart_file = bundle_chart(host) if lab.kubernetes.source == "bundle" else None
         check = host.run("env", *helm_args("template", lab.cilium.version, chart_file), check=False, sudo=True,
                          timeout=lab.timeouts.command)
         if not check.ok:

@@ -63,16 +63,13 @@ def pool_applied(kubeconfig: str, lab) -> bool:
             and l2["spec"].get("ipAddressPools") == metallb_documents(lab)[1]["spec"]["ipAddressPools"])
 
 
-def upload_bundle_manifest(host) -> str:
-    """Put the bundle's MetalLB native manifest on the control plane; return its path there."""
+def bundle_manifest(host) -> str:
+    """The bundle's MetalLB native manifest on the control plane's bundle disk."""
     from lab.bundle.build import current_bundle
+    from lab.phases.sideload import on_node
 
-    directory, manifest = current_bundle()
-    entry = next(e for e in manifest.of_kind("manifest") if e.component == "metallb")
-    path = f"{LAB_DIR}/{entry.path.rsplit('/', 1)[-1]}"
-    host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
-    host.put_file(directory / entry.path, path, mode=0o600)
-    return path
+    manifest = current_bundle()[1]
+    return on_node(host, manifest, next(e for e in manifest.of_kind("manifest") if e.component == "metallb"))
 
 
 class Metallb(Phase):
@@ -94,7 +91,7 @@ class Metallb(Phase):
         host = cp_host(ctx)
         source = native_manifest_url(lab.metallb.version)
         if lab.kubernetes.source == "bundle":
-            source = upload_bundle_manifest(host)
+            source = bundle_manifest(host)
         ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest ({source})")
         kubectl(host, "apply", "-f", source, timeout=lab.timeouts.command)
         kubeconfig = fetch_kubeconfig(ctx)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from lab.errors import LabError
-from lab.layout import base_volumes, console_log_path, node_volumes
+from lab.layout import base_volumes, bundle_volume, console_log_path, node_volumes
+from lab.bundle.recipe import current_recipe_hash
 from lab.phase import Context, Phase, run_on_nodes
 from lab.spec import NodeSpec
 from lab.virt.xml import domain_xml
@@ -22,8 +23,12 @@ class Nodes(Phase):
         base, own = base_volumes(ctx.image), node_volumes(node)
         kernel = dict(kernel=path(base["kernel"]), initrd=path(base["initrd"]), cmdline=ctx.image.cmdline) \
             if ctx.image.format == "kernel" else {}
+        bundle = None
+        if ctx.lab.kubernetes.enabled and ctx.lab.kubernetes.source == "bundle":
+            bundle = path(bundle_volume(current_recipe_hash()))
         return domain_xml(ctx.lab, node, virt_type=ctx.virt_type or "qemu", disk_path=path(own["disk"]),
-                          seed_path=path(own["seed"]), console_log=console_log_path(ctx.lab, node), **kernel)
+                          seed_path=path(own["seed"]), console_log=console_log_path(ctx.lab, node),
+                          bundle_path=bundle, **kernel)
 
     def _start(self, ctx: Context, node: NodeSpec) -> str:
         name = ctx.lab.domain_name(node)

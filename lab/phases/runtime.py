@@ -193,7 +193,7 @@ class Runtime(Phase):
             if bundle is not None:
                 from lab.phases.sideload import sideload
 
-                sideload(host, bundle[0], bundle[1], name == cp, ctx.log.info)
+                sideload(host, bundle[1], name == cp, ctx.log.info)
             elif lab.kubernetes.enabled:
                 install_kubernetes_packages(host, lab)
                 if name == cp:

@@ -1,6 +1,7 @@
-"""Side-loading the offline bundle into a node (``kubernetes.source: bundle``): kubeadm, kubelet, kubectl and helm
-into /usr/bin with each sha256 read back on the node, the kubelet systemd unit and kubeadm drop-in as the
-upstream packages install them, and every image imported into containerd's k8s.io namespace. Nothing is pulled.
+"""Side-loading the offline bundle into a node (``kubernetes.source: bundle``): the bundle arrives as a read-only
+virtio disk (lab.bundle.disk) mounted at /var/lib/lab/bundle; kubeadm, kubelet, kubectl and helm go into /usr/bin
+with each sha256 read back on the node, the kubelet systemd unit and kubeadm drop-in as the upstream packages
+install them, and every image is imported into containerd's k8s.io namespace. Nothing is pulled.
 
 Control-plane-only images (API server, controller manager, scheduler, etcd) go to control planes only.
 """
@@ -10,13 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
+from lab.layout import BUNDLE_SERIAL
 
 if TYPE_CHECKING:
     from lab.bundle.manifest import Entry, Manifest
     from lab.remote.host import Host
 
 BIN_DIR = "/usr/bin"
-UPLOAD_DIR = "/var/lib/lab/bundle"
+MOUNT = "/var/lib/lab/bundle"
+DEVICE = f"/dev/disk/by-id/virtio-{BUNDLE_SERIAL}"
 CTR = ("ctr", "--address", "/run/containerd/containerd.sock", "--namespace", "k8s.io")
 CONTROL_PLANE_ONLY = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
 
@@ -87,17 +90,35 @@ def sideload_problems(host: "Host", manifest: "Manifest", control_plane: bool) -
     return problems
 
 
-def sideload(host: "Host", bundle: Path, manifest: "Manifest", control_plane: bool, log) -> None:
+def mount_bundle(host: "Host", manifest: "Manifest") -> str:
+    """Mount the node's bundle disk read-only (once) and check it carries this bundle; return the mount point."""
+    host.run("sh", "-c", f"mountpoint -q {MOUNT} || {{ install -d -m 0755 {MOUNT} && "
+                         f"mount -o ro {DEVICE} {MOUNT}; }}", sudo=True, timeout=120)
+    carried = host.run("cat", f"{MOUNT}/bundle.json", check=False, sudo=True)
+    if manifest.recipe_sha256 not in carried.stdout:
+        raise RemoteError(f"{host.name}: the bundle disk holds another bundle than this checkout's "
+                          f"({manifest.recipe_sha256[:12]})",
+                          hint="the lab was created with an older bundle: `lab down` and `lab up`")
+    return MOUNT
+
+
+def on_node(host: "Host", manifest: "Manifest", entry: "Entry") -> str:
+    """The path of a bundle file on the node (its bundle disk mounted)."""
+    return f"{mount_bundle(host, manifest)}/{entry.path}"
+
+
+def sideload(host: "Host", manifest: "Manifest", control_plane: bool, log) -> None:
     """Install the bundle's node binaries and units and import its images; each step skips what is in place."""
+    mount = mount_bundle(host, manifest)
     for entry in manifest.of_kind("binary"):
         path = f"{BIN_DIR}/{Path(entry.path).name}"
         if node_sha256(host, path) == entry.sha256:
             continue
-        host.put_file(bundle / entry.path, path, mode=0o755)
+        host.run("install", "-m", "0755", f"{mount}/{entry.path}", path, sudo=True)
         got = node_sha256(host, path)
         if got != entry.sha256:
-            raise RemoteError(f"{host.name}: {path} arrived with sha256 {got}, the bundle says {entry.sha256}",
-                              hint="the copy was damaged (disk full?); run `lab up` again")
+            raise RemoteError(f"{host.name}: {path} has sha256 {got} after install, the bundle says {entry.sha256}",
+                              hint="the bundle disk is damaged: `lab bundle verify`, then `lab down` and `lab up`")
     for path, text in UNIT_FILES.items():
         host.run("install", "-d", "-m", "0755", str(Path(path).parent), sudo=True)
         host.put(path, text, mode=0o644)
@@ -108,11 +129,8 @@ def sideload(host: "Host", bundle: Path, manifest: "Manifest", control_plane: bo
     for entry in images_for(manifest, control_plane):
         if entry.ref in have:
             continue
-        remote = f"{UPLOAD_DIR}/{Path(entry.path).name}"
         log(f"{host.name}: importing {entry.ref}")
-        host.put_file(bundle / entry.path, remote, mode=0o600)
-        res = host.run(*CTR, "images", "import", remote, check=False, sudo=True, timeout=1800)
-        host.run("rm", "-f", remote, sudo=True)
+        res = host.run(*CTR, "images", "import", f"{mount}/{entry.path}", check=False, sudo=True, timeout=1800)
         if not res.ok:
             raise RemoteError(f"{host.name}: containerd refused image {entry.ref}: {res.tail(5)}",
-                              hint="rebuild the bundle (`lab bundle build --force`) and run `lab up` again")
+                              hint="rebuild the bundle (`lab bundle build --force`), then `lab down` and `lab up`")

@@ -6,7 +6,8 @@ only ever reads files inside the pool (no permission trouble with the user's cac
 from __future__ import annotations
 
 from lab.errors import LabError
-from lab.layout import base_volumes, node_volumes
+from lab.bundle.recipe import current_recipe_hash
+from lab.layout import base_volumes, bundle_volume, node_volumes
 from lab.phase import Context, Phase
 from lab.remote.host import new_client_key
 from lab.spec import NodeSpec
@@ -38,6 +39,8 @@ class Storage(Phase):
             return False  # run() refuses a changed image under existing overlays, with the fix
         pool.refresh(0)
         names = list(base_volumes(ctx.image).values())
+        if ctx.lab.kubernetes.enabled and ctx.lab.kubernetes.source == "bundle":
+            names.append(bundle_volume(current_recipe_hash()))
         for node in ctx.lab.nodes:
             if not ctx.state.get_in("nodes", node.name, {}).get("host_key"):
                 return False
@@ -51,6 +54,8 @@ class Storage(Phase):
         ctx.state.set_in("created", "pool", ctx.lab.pool_name)
         ctx.log.info(f"pool {ctx.lab.pool_name} {'created' if created else 'present'} at {ctx.lab.pool_path}")
         disk = self._base(ctx, pool)
+        if ctx.lab.kubernetes.enabled and ctx.lab.kubernetes.source == "bundle":
+            self._bundle(ctx, pool)
         public_key = ensure_client_key(ctx)
         for node in ctx.lab.nodes:
             self._node(ctx, pool, node, disk, public_key)
@@ -67,6 +72,15 @@ class Storage(Phase):
                 vol.delete(0)  # never leave a half-written base behind: the next run would trust it
                 raise
         return vol
+
+    def _bundle(self, ctx: Context, pool) -> None:
+        """The offline bundle as a read-only disk for every node (see lab.bundle.disk)."""
+        from lab.bundle.build import current_bundle
+        from lab.bundle.disk import bundle_disk
+
+        directory, manifest = current_bundle()
+        self._upload_file(ctx, pool, bundle_volume(manifest.recipe_sha256), bundle_disk(directory))
+        ctx.state.set_in("created", "bundle", manifest.recipe_sha256)
 
     def _base(self, ctx: Context, pool):
         names = base_volumes(ctx.image)

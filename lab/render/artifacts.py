@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab.images import ResolvedImage, cache_dir, load_catalog, resolve_image
-from lab.layout import base_volumes, console_log_path, node_volumes
+from lab.layout import base_volumes, bundle_volume, console_log_path, node_volumes
 from lab.render import render_cluster
 from lab.remote.host import new_client_key
 from lab.render.tuning import modules_conf, sysctl_conf
@@ -56,13 +56,18 @@ def render_files(lab: Lab, public_key: str | None = None) -> dict[str, str]:
     files["pool.xml"] = pool_xml(lab)
     pool = Path(lab.pool_path)
     base = base_volumes(image)
+    bundle = None
+    if lab.kubernetes.enabled and lab.kubernetes.source == "bundle":
+        from lab.bundle.recipe import current_recipe_hash
+
+        bundle = str(pool / bundle_volume(current_recipe_hash()))
     for node in lab.nodes:
         own = node_volumes(node)
         kernel = dict(kernel=str(pool / base["kernel"]), initrd=str(pool / base["initrd"]),
                       cmdline=image.cmdline) if image.format == "kernel" else {}
         files[f"nodes/{node.name}/domain.xml"] = domain_xml(
             lab, node, virt_type=virt_type, disk_path=str(pool / own["disk"]), seed_path=str(pool / own["seed"]),
-            console_log=console_log_path(lab, node), **kernel)
+            console_log=console_log_path(lab, node), bundle_path=bundle, **kernel)
         private, public, _ = seed.generate_host_key()
         files[f"nodes/{node.name}/user-data"] = seed.user_data(lab, node, public_key, private, public)
         files[f"nodes/{node.name}/meta-data"] = seed.meta_data(lab, node)

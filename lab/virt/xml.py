@@ -17,6 +17,7 @@ import ipaddress
 import xml.etree.ElementTree as ET
 from pathlib import PurePosixPath
 
+from lab.layout import BUNDLE_SERIAL
 from lab.spec import Lab, NodeSpec
 
 NS = "https://kvmlab.invalid/xmlns/owner/1"
@@ -142,7 +143,8 @@ def volume_xml(name: str, capacity_bytes: int, fmt: str = "qcow2",
 # ---------------------------------------------------------------------------------------------- domain
 
 
-def _disk(devices: ET.Element, path: str, fmt: str, dev: str, *, readonly: bool = False) -> None:
+def _disk(devices: ET.Element, path: str, fmt: str, dev: str, *, readonly: bool = False,
+          serial: str | None = None) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     driver = {"name": "qemu", "type": fmt}
     if not readonly:
@@ -150,6 +152,8 @@ def _disk(devices: ET.Element, path: str, fmt: str, dev: str, *, readonly: bool 
     _sub(disk, "driver", **driver)
     _sub(disk, "source", file=str(path))
     _sub(disk, "target", dev=dev, bus="virtio")
+    if serial:
+        _sub(disk, "serial", serial)
     if readonly:
         _sub(disk, "readonly")
 
@@ -177,8 +181,10 @@ def _cpu(dom: ET.Element, virt_type: str, cpus: int) -> None:
 
 
 def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed_path: str, console_log: str,
-               kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None) -> str:
-    """A VirtIO node: disk vda, seed vdb (readonly raw), virtio net/rng/balloon, serial log, guest agent."""
+               kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None,
+               bundle_path: str | None = None) -> str:
+    """A VirtIO node: disk vda, seed vdb (readonly raw), the offline bundle vdc (readonly raw, serial
+    kvmlab-bundle) when the lab side-loads one, virtio net/rng/balloon, serial log, guest agent."""
     if virt_type not in ("kvm", "qemu"):
         raise ValueError(f"virt_type {virt_type!r}: use 'kvm' or 'qemu' (TCG)")
     if kernel is None and (initrd or cmdline):
@@ -214,6 +220,8 @@ def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed
     devices = _sub(dom, "devices")
     _disk(devices, disk_path, "qcow2", "vda")
     _disk(devices, seed_path, "raw", "vdb", readonly=True)  # the cloud kernel has no SATA/CD-ROM driver
+    if bundle_path is not None:
+        _disk(devices, bundle_path, "raw", "vdc", readonly=True, serial=BUNDLE_SERIAL)
     _interface(devices, lab, node)
     _sub(devices, "controller", type="usb", model="none")
     serial = _sub(devices, "serial", type="pty")
