@@ -52,7 +52,8 @@ def pol(ns, name, spec):
 
 DENY_X_IN = pol("x", "deny-in", {"podSelector": {}, "policyTypes": ["Ingress"]})
 DENY_X_OUT = pol("x", "deny-out", {"podSelector": {}, "policyTypes": ["Egress"]})
-FROM_NODES = pol("x", "from-nodes", {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.100.0/24"}}]}]})
+FROM_NODES = pol("x", "from-nodes", {"podSelector": {},
+                                     "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.100.0/24"}}]}]})
 TO_INTERNET_NOT_C2 = pol("x", "internet", {"podSelector": {}, "policyTypes": ["Egress"], "egress": [
     {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["198.51.100.0/24"]}}]}]})
 # Remote nodes and the hostNetwork pod on w1 reach x/b (on w2) only through an allow; each node reaches its own pods.
