@@ -13,6 +13,9 @@ Exit codes: 0 the probe ran (whatever it found), 2 bad arguments, 1 could not ru
   mtu     --to HOST:PORT [--max BYTES] [--bulk-mib N] [--bulk-timeout S] [--timeout S] [--retries N]
   load    --to HOST:PORT[,PORT...] --connections N --rate R --hold S --timeout S [--source A,B]
   facts
+  arp     --iface IF --ip VIP [--count N] [--interval S] [--window S]
+          ARP who-has VIP on a raw AF_PACKET socket (needs CAP_NET_RAW); every reply in the window, by
+          responder MAC (not the neighbour table), so two nodes answering for one VIP are seen
 
 A probe that could not measure says so (an "error" verdict or an "errors" entry with its
 message); it never turns a missing measurement into a verdict, a zero or "no change".
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
@@ -1490,6 +1494,157 @@ def cmd_facts(_args) -> dict:
     return doc
 
 
+# ---------------------------------------------------------------- arp
+
+ETH_P_ARP, ETH_P_IP, ARPHRD_ETHER = 0x0806, 0x0800, 1
+ARPOP_REQUEST, ARPOP_REPLY = 1, 2
+PACKET_OUTGOING = 4
+SIOCGIFADDR = 0x8915
+BROADCAST_MAC = b"\xff" * 6
+ONE_ANNOUNCER, SEVERAL_ANNOUNCERS, NO_ANNOUNCER = "one_announcer", "several_announcers", "no_announcer"
+ARP_MAX_FRAMES = 100000  # a flood cannot keep the loop going past this many frames
+
+
+def mac_text(raw: bytes) -> str:
+    return ":".join("%02x" % b for b in raw)
+
+
+def arp_request(src_mac: bytes, src_ip: str, ip: str) -> bytes:
+    """An Ethernet broadcast ARP who-has ip tell src_ip (src_ip 0.0.0.0 makes it an RFC 5227 probe)."""
+    eth = BROADCAST_MAC + src_mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH6s4s6s4s", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST, src_mac,
+                      socket.inet_aton(src_ip), b"\0" * 6, socket.inet_aton(ip))
+    return (eth + arp).ljust(60, b"\0")
+
+
+def parse_arp_frame(frame: bytes):
+    """An Ethernet frame -> dict(op, eth_src, eth_dst, sha, spa, tha, tpa), or None when it is not IPv4-over-
+    Ethernet ARP."""
+    if len(frame) < 42 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_ARP:
+        return None
+    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", frame, 14)
+    if (htype, ptype, hlen, plen) != (ARPHRD_ETHER, ETH_P_IP, 6, 4):
+        return None
+    return {"op": op, "eth_dst": mac_text(frame[0:6]), "eth_src": mac_text(frame[6:12]), "sha": mac_text(sha),
+            "spa": socket.inet_ntoa(spa), "tha": mac_text(tha), "tpa": socket.inet_ntoa(tpa)}
+
+
+def arp_claim(frame: dict, ip: str, own_mac: str):
+    """'reply' when frame answers who-has ip, 'gratuitous' when it announces ip unasked (MetalLB sends both a
+    request and a reply with sender = target = ip on failover), None otherwise. Our own frames are never claims."""
+    if frame is None or frame["spa"] != ip or frame["sha"] == own_mac:
+        return None
+    if frame["op"] == ARPOP_REPLY:
+        return "gratuitous" if frame["tpa"] == ip else "reply"
+    if frame["op"] == ARPOP_REQUEST and frame["tpa"] == ip:
+        return "gratuitous"
+    return None
+
+
+def arp_verdict(macs) -> str:
+    return {0: NO_ANNOUNCER, 1: ONE_ANNOUNCER}.get(len(macs), SEVERAL_ANNOUNCERS)
+
+
+def iface_ipv4(sock: socket.socket, iface: str):
+    """The interface's first IPv4 address (SIOCGIFADDR), or None when it has none."""
+    try:
+        res = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", iface.encode()[:15]))
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return None
+        raise
+    return socket.inet_ntoa(res[20:24])
+
+
+def open_arp_socket(iface: str) -> socket.socket:
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    except PermissionError:
+        raise CannotRun("a raw AF_PACKET socket needs CAP_NET_RAW: run as root, or add the NET_RAW capability "
+                        "(securityContext.capabilities.add: [NET_RAW] in a pod)")
+    try:
+        sock.bind((iface, ETH_P_ARP))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENODEV:
+            raise CannotRun("no interface %r here (see /sys/class/net)" % iface)
+        raise CannotRun("cannot bind a raw socket to %s: %s" % (iface, exc.strerror or exc))
+    return sock
+
+
+class ArpRun:
+    """Send `count` requests `interval` apart, and collect every claim on ip until `window` ends."""
+
+    def __init__(self, args):
+        self.args = args
+        self.responders = {}  # sha -> entry
+        self.frames_seen = 0
+
+    def record(self, claim: str, frame: dict, elapsed: float):
+        entry = self.responders.setdefault(frame["sha"], {"mac": frame["sha"], "eth_src": [], "replies": 0,
+                                                           "gratuitous": 0, "first_seen_ms": None})
+        entry["replies" if claim == "reply" else "gratuitous"] += 1
+        if frame["eth_src"] not in entry["eth_src"]:
+            entry["eth_src"].append(frame["eth_src"])
+        if entry["first_seen_ms"] is None:
+            entry["first_seen_ms"] = round(elapsed * 1000, 3)
+
+    def run(self) -> dict:
+        a = self.args
+        sock = open_arp_socket(a.iface)
+        try:
+            own_mac = mac_text(sock.getsockname()[4][:6])
+            src_ip = iface_ipv4(sock, a.iface) or "0.0.0.0"
+            request = arp_request(bytes.fromhex(own_mac.replace(":", "")), src_ip, a.ip)
+            sent = self.exchange(sock, request, own_mac)
+        finally:
+            sock.close()
+        responders = sorted(self.responders.values(), key=lambda r: r["mac"])
+        return {"iface": a.iface, "ip": a.ip, "source_mac": own_mac, "source_ip": src_ip, "requests_sent": sent,
+                "window_s": a.window, "frames_seen": self.frames_seen, "responders": responders,
+                "macs": [r["mac"] for r in responders], "verdict": arp_verdict(responders), "errors": []}
+
+    def exchange(self, sock, request: bytes, own_mac: str):
+        a = self.args
+        start = time.monotonic()
+        deadline, next_send, sent = start + a.window, start, 0
+        while self.frames_seen < ARP_MAX_FRAMES:
+            now = time.monotonic()
+            if sent < a.count and now >= next_send:
+                sock.send(request)
+                sent += 1
+                next_send = start + sent * a.interval
+            if now >= deadline:
+                break
+            wake = min(deadline, next_send) if sent < a.count else deadline
+            ready, _, _ = select.select([sock], [], [], max(0.0, wake - now))
+            if not ready:
+                continue
+            frame, addr = sock.recvfrom(2048)
+            self.frames_seen += 1
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            parsed = parse_arp_frame(frame)
+            claim = arp_claim(parsed, a.ip, own_mac)
+            if claim:
+                self.record(claim, parsed, time.monotonic() - start)
+        return sent
+
+
+def cmd_arp(args) -> dict:
+    return ArpRun(args).run()
+
+
+def ipv4_address(text: str) -> str:
+    """A dotted-quad IPv4 address (inet_aton alone would accept '10.1' and '10')."""
+    try:
+        if text.count(".") != 3:
+            raise OSError
+        return socket.inet_ntoa(socket.inet_aton(text))
+    except OSError:
+        raise argparse.ArgumentTypeError("expected an IPv4 address such as 10.0.0.200, got %r" % text)
+
+
 # ---------------------------------------------------------------- main
 
 class Parser(argparse.ArgumentParser):
@@ -1501,7 +1656,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     parser = Parser(prog="netprobe", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{serve,connect,mtu,load,facts}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{serve,connect,mtu,load,facts,arp}")
 
     s = sub.add_parser("serve", help="TCP greeter/sink and UDP echo; runs until killed")
     s.add_argument("--tcp", type=port_list, default=[], help="comma-separated TCP ports")
@@ -1543,6 +1698,14 @@ def build_parser() -> Parser:
     ld.add_argument("--workers", type=positive(int), default=0, help="processes (default: from N and the fd limit)")
 
     sub.add_parser("facts", help="sysctls, MTUs, conntrack and fragment counters, kube-proxy presence")
+
+    ar = sub.add_parser("arp", help="every ARP reply for an IPv4 address on one link, by responder MAC")
+    ar.add_argument("--iface", required=True, help="the link to ask on (e.g. the lab bridge)")
+    ar.add_argument("--ip", type=ipv4_address, required=True, help="the address asked for (e.g. a LoadBalancer VIP)")
+    ar.add_argument("--count", type=positive(int), default=3, help="requests to send (default 3)")
+    ar.add_argument("--interval", type=positive(float), default=0.2, help="seconds between requests (default 0.2)")
+    ar.add_argument("--window", type=positive(float), default=2.0,
+                    help="seconds from the first request during which replies are collected (default 2)")
     return parser
 
 
@@ -1558,9 +1721,15 @@ def check_args(parser, args):
         parser.error("mtu: --max is the largest packet size in bytes (68..65535), got %d" % args.max)
     if args.cmd == "load" and args.connections > 1_000_000:
         parser.error("load: --connections is capped at 1000000")
+    if args.cmd == "arp" and (args.count - 1) * args.interval >= args.window:
+        parser.error("arp: the window (%gs) must outlast the requests (%d x %gs apart)"
+                     % (args.window, args.count, args.interval))
+    if args.cmd == "arp" and args.count > 1000:
+        parser.error("arp: --count is capped at 1000")
 
 
-COMMANDS = {"serve": cmd_serve, "connect": cmd_connect, "mtu": cmd_mtu, "load": cmd_load, "facts": cmd_facts}
+COMMANDS = {"serve": cmd_serve, "connect": cmd_connect, "mtu": cmd_mtu, "load": cmd_load, "facts": cmd_facts,
+            "arp": cmd_arp}
 
 
 def main(argv=None) -> int:

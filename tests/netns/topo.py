@@ -325,6 +325,11 @@ table ip lb {
 """ % (CIL_LB_VIP, CIL_POD[2], CIL_POD[2])
 
 
+def announce_vip(lab: Lab, c: Cilium, n: int, vip: str = CIL_LB_VIP) -> None:
+    """Make node n answer ARP for vip on the LAN as a MetalLB speaker does (here: the kernel, owning vip/32)."""
+    lab.ip((c.node1, c.node2)[n - 1], "addr", "add", vip + "/32", "dev", "lan0")
+
+
 def mac_of(lab: Lab, ns: str, dev: str) -> str:
     return sh("ip", "netns", "exec", ns, "cat", "/sys/class/net/%s/address" % dev).stdout.strip()
 
