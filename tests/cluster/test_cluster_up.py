@@ -79,7 +79,11 @@ def test_status_shows_the_cluster(cluster, cluster_lab, cluster_state):
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     assert {n["name"]: n["ssh"] for n in status["nodes"]} == {n.name: "ok" for n in cluster_lab.nodes}
-    assert status["cluster"]["cluster"] == "ready", status["cluster"]
+    cluster = status["cluster"]
+    assert cluster["cluster"] == "up", cluster
+    assert cluster["nodes"] == {n.name: "Ready" for n in cluster_lab.nodes}, cluster
+    assert cluster["cilium"]["ready"] and cluster["metallb"]["controller"]["ready"], cluster
+    assert cluster["metallb"]["speaker"]["ready"], cluster
 
 
 def test_second_up_changes_nothing(cluster, cluster_lab, cluster_state):
