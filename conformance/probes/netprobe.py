@@ -5,11 +5,17 @@ One stdlib-only file (Python 3.9+) that runs unchanged in a pod, on a node and
 in our netns tests. Every subcommand prints ONE JSON document on stdout.
 Exit codes: 0 the probe ran (whatever it found), 2 bad arguments, 1 could not run.
 
-  serve   --tcp PORTS --udp PORTS [--bind ADDR] [--ready-file F] [--workers W]
+  serve   --tcp PORTS --udp PORTS --http PORTS [--bind ADDR] [--ready-file F] [--workers W]
   connect --to HOST:PORT/PROTO [--to ...] [--targets FILE] --timeout S --parallel N
-  mtu     --to HOST:PORT [--max BYTES] [--bulk-mib N] [--timeout S]
+          PROTO: tcp (netprobe greeting), udp (netprobe echo), dns (a DNS query over UDP),
+          dns-tcp (the same over TCP), http (GET /; `serve --http` names its host in the body)
+          [--dns-name NAME] [--dns-type A|AAAA]
+  mtu     --to HOST:PORT [--max BYTES] [--bulk-mib N] [--bulk-timeout S] [--timeout S] [--retries N]
   load    --to HOST:PORT[,PORT...] --connections N --rate R --hold S --timeout S [--source A,B]
   facts
+
+A probe that could not measure says so (an "error" verdict or an "errors" entry with its
+message); it never turns a missing measurement into a verdict, a zero or "no change".
 """
 from __future__ import annotations
 
@@ -102,12 +108,16 @@ def host_ports(text: str):
     return host, port_list(ports)
 
 
+PROTOS = ("tcp", "udp", "dns", "dns-tcp", "http")
+STREAM_PROTOS = ("tcp", "dns-tcp", "http")
+
+
 def target(text: str):
-    """HOST:PORT/PROTO -> dict(to, host, port, proto)."""
+    """HOST:PORT/PROTO -> dict(to, host, port, proto); PROTO is one of PROTOS."""
     hp, sep, proto = text.strip().rpartition("/")
     proto = proto.lower()
-    if not sep or proto not in ("tcp", "udp"):
-        raise argparse.ArgumentTypeError("expected HOST:PORT/tcp or HOST:PORT/udp, got %r" % text)
+    if not sep or proto not in PROTOS:
+        raise argparse.ArgumentTypeError("expected HOST:PORT/tcp, /udp, /dns, /dns-tcp or /http, got %r" % text)
     host, port = host_port(hp)
     return {"to": "%s/%s" % (hp, proto), "host": host, "port": port, "proto": proto}
 
@@ -190,17 +200,26 @@ def peer_text(addr) -> str:
     return "%s:%d" % (host, addr[1])
 
 
-class ServeWorker:
-    """One process: its own SO_REUSEPORT listeners, an epoll loop, many held connections."""
+SERVE_COUNTERS = ("accepted", "tcp_bytes", "udp_echoed", "udp_errors", "max_open", "accept_errors",
+                  "greet_errors", "http_requests", "http_bad_requests")
+HTTP_MAX_REQUEST = 16384
 
-    def __init__(self, listeners, udp_socks):
+
+class ServeWorker:
+    """One process: its own SO_REUSEPORT listeners, an epoll loop, many held connections.
+
+    TCP (--tcp): greets with a JSON line naming the host, then sinks bytes and confirms the count at EOF.
+    HTTP (--http): answers each GET with a JSON body naming the host, then closes."""
+
+    def __init__(self, listeners, udp_socks, http_listeners=()):
         self.sel = selectors.DefaultSelector()
         self.host = socket.gethostname()
-        self.stats = {"accepted": 0, "tcp_bytes": 0, "udp_echoed": 0, "max_open": 0, "accept_errors": 0}
+        self.stats = dict.fromkeys(SERVE_COUNTERS, 0)
         self.open = {}
         self.paused = []
         self.stop = False
-        for sock in listeners:
+        self.http_fds = {sock.fileno() for sock in http_listeners}
+        for sock in list(listeners) + list(http_listeners):
             self.sel.register(sock, selectors.EVENT_READ, "listen")
         for sock in udp_socks:
             self.sel.register(sock, selectors.EVENT_READ, "udp")
@@ -229,20 +248,65 @@ class ServeWorker:
                     self.sel.unregister(lsock)
                     self.paused.append((time.monotonic() + 0.5, lsock))
                 return
-            self.greet(conn, addr, lsock.getsockname()[1])
+            if lsock.fileno() in self.http_fds:
+                self.hold(conn, addr, lsock.getsockname()[1], "http")
+            else:
+                self.greet(conn, addr, lsock.getsockname()[1])
+
+    def hold(self, conn, addr, port, kind):
+        conn.setblocking(False)
+        self.stats["accepted"] += 1
+        self.open[conn.fileno()] = [conn, 0, b"", peer_text(addr), port]
+        self.stats["max_open"] = max(self.stats["max_open"], len(self.open))
+        self.sel.register(conn, selectors.EVENT_READ, kind)
 
     def greet(self, conn, addr, port):
-        conn.setblocking(False)
         line = json.dumps({"host": self.host, "peer": peer_text(addr), "port": port}) + "\n"
         try:
             conn.send(line.encode())
         except OSError:
+            self.stats["greet_errors"] += 1
             conn.close()
             return
-        self.stats["accepted"] += 1
-        self.open[conn.fileno()] = [conn, 0]
-        self.stats["max_open"] = max(self.stats["max_open"], len(self.open))
-        self.sel.register(conn, selectors.EVENT_READ, "conn")
+        self.hold(conn, addr, port, "conn")
+
+    def close_conn(self, conn):
+        self.sel.unregister(conn)
+        del self.open[conn.fileno()]
+        conn.close()
+
+    def on_http(self, conn):
+        entry = self.open[conn.fileno()]
+        try:
+            data = conn.recv(HTTP_MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        entry[2] += data
+        head, sep, _ = entry[2].partition(b"\r\n\r\n")
+        if not sep and data and len(entry[2]) <= HTTP_MAX_REQUEST:
+            return  # wait for the rest of the header
+        words = head.split(b"\r\n", 1)[0].split()
+        if sep and len(words) == 3 and words[0] in (b"GET", b"HEAD"):
+            self.stats["http_requests"] += 1
+            body = (json.dumps({"host": self.host, "peer": entry[3], "port": entry[4],
+                                "path": words[1].decode("latin-1")}) + "\n").encode()
+            status = b"200 OK"
+        elif not entry[2]:  # closed without a request
+            return self.close_conn(conn)
+        else:
+            self.stats["http_bad_requests"] += 1
+            body, status = b'{"error": "bad request"}\n', b"400 Bad Request"
+        reply = (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            conn.sendall(reply + (body if words[:1] != [b"HEAD"] else b""))
+        except OSError:
+            self.stats["greet_errors"] += 1
+        self.close_conn(conn)
 
     def on_conn(self, conn):
         entry = self.open[conn.fileno()]
@@ -273,7 +337,8 @@ class ServeWorker:
                 self.stats["udp_echoed"] += 1
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError:  # e.g. ICMP unreachable from an earlier echo: count it, keep serving
+                self.stats["udp_errors"] += 1
                 return
 
     def resume_listeners(self):
@@ -314,23 +379,24 @@ def collect(workers):
 def cmd_serve(args) -> dict:
     raise_nofile_limit()
     bind = args.bind or default_bind()
-    if not args.tcp and not args.udp:
-        raise CannotRun("nothing to serve: give --tcp and/or --udp")
+    if not args.tcp and not args.udp and not args.http:
+        raise CannotRun("nothing to serve: give --tcp, --udp and/or --http")
     try:
         sets = [[listen_tcp(bind, p, args.backlog) for p in args.tcp] for _ in range(args.workers)]
+        http_sets = [[listen_tcp(bind, p, args.backlog) for p in args.http] for _ in range(args.workers)]
         udp = [bind_udp(bind, p) for p in args.udp]
     except OSError as exc:
         raise CannotRun("cannot listen on %s: %s" % (bind, exc))
-    listening = {"bind": bind, "tcp": args.tcp, "udp": args.udp, "workers": args.workers,
+    listening = {"bind": bind, "tcp": args.tcp, "udp": args.udp, "http": args.http, "workers": args.workers,
                  "backlog": args.backlog, "pid": os.getpid()}
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     workers = []
     for i, mine in enumerate(sets):
-        body = lambda mine=mine, i=i: ServeWorker(mine, udp if i == 0 else []).run()
+        body = lambda mine=mine, i=i: ServeWorker(mine, udp if i == 0 else [], http_sets[i]).run()
         workers.append(fork_worker(body))
-    for sock in [s for group in sets for s in group] + udp:
+    for sock in [s for group in sets + http_sets for s in group] + udp:
         sock.close()
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as out:
@@ -344,14 +410,117 @@ def cmd_serve(args) -> dict:
         except ProcessLookupError:
             pass
     results = collect(workers)
-    totals = {k: sum(r.get(k, 0) for r in results)
-              for k in ("accepted", "tcp_bytes", "udp_echoed", "max_open", "accept_errors")}
+    totals = {k: sum(r[k] for r in results if "error" not in r) for k in SERVE_COUNTERS}
     totals["listening"] = listening
     totals["worker_errors"] = [r["error"] for r in results if "error" in r]
     return totals
 
 
 # ---------------------------------------------------------------- connect
+
+DNS_TYPES = {"A": 1, "AAAA": 28}
+DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+HTTP_MAX_REPLY = 65536
+
+
+def dns_query(name: str, qtype: int, qid: int) -> bytes:
+    """A standard recursive query for one name (RFC 1035 4.1)."""
+    qname = b""
+    for label in (part for part in name.rstrip(".").split(".") if part):
+        raw = label.encode("idna") if not label.isascii() else label.encode()
+        if len(raw) > 63:
+            raise ValueError("DNS label longer than 63 bytes: %r" % label)
+        qname += bytes([len(raw)]) + raw
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + b"\0" + struct.pack("!HH", qtype, 1)
+
+
+def dns_skip_name(data: bytes, offset: int) -> int:
+    """Offset just past a (possibly compressed) name; ValueError when malformed."""
+    for _ in range(128):
+        if offset >= len(data):
+            raise ValueError("name runs past the message")
+        length = data[offset]
+        if length == 0:
+            return offset + 1
+        if length & 0xC0 == 0xC0:
+            return offset + 2
+        if length & 0xC0:
+            raise ValueError("bad label type 0x%x" % length)
+        offset += 1 + length
+    raise ValueError("name has too many labels")
+
+
+def parse_dns_reply(data: bytes, query: bytes):
+    """The reply to `query` -> dict(rcode, truncated, answers); None when `data` is not that reply;
+    ValueError when it is that reply but malformed."""
+    if len(data) < 12 or data[:2] != query[:2] or not data[2] & 0x80:
+        return None
+    question = query[12:]
+    if data[12:12 + len(question)].lower() != question.lower():
+        return None
+    flags, qdcount, ancount = struct.unpack_from("!HHH", data, 2)
+    offset = 12 + len(question)
+    answers = []
+    for _ in range(min(ancount, 256)):
+        offset = dns_skip_name(data, offset)
+        if offset + 10 > len(data):
+            raise ValueError("answer record runs past the message")
+        rtype, _cls, _ttl, rdlength = struct.unpack_from("!HHIH", data, offset)
+        rdata = data[offset + 10:offset + 10 + rdlength]
+        if len(rdata) != rdlength:
+            raise ValueError("answer data runs past the message")
+        offset += 10 + rdlength
+        if rtype == 1 and rdlength == 4:
+            answers.append(socket.inet_ntop(socket.AF_INET, rdata))
+        elif rtype == 28 and rdlength == 16:
+            answers.append(socket.inet_ntop(socket.AF_INET6, rdata))
+    rcode = flags & 0xF
+    return {"rcode": DNS_RCODES.get(rcode, str(rcode)), "truncated": bool(flags & 0x0200), "answers": answers}
+
+
+def http_request(host: str, port: int) -> bytes:
+    hostname = "[%s]" % host if ":" in host else host
+    return ("GET / HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: netprobe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            % (hostname, port)).encode()
+
+
+def parse_http_reply(buf: bytes, complete: bool):
+    """-> dict(status, body, ...) once a whole response is in buf (or complete: EOF seen); None: need more.
+    ValueError: what arrived is not HTTP."""
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        if complete or len(buf) > HTTP_MAX_REPLY:
+            raise ValueError("no HTTP response header in %d bytes" % len(buf))
+        if not b"HTTP/".startswith(buf[:5]):
+            raise ValueError("not an HTTP response: %r" % buf[:40])
+        return None
+    lines = head.decode("iso-8859-1").split("\r\n")
+    words = lines[0].split(" ", 2)
+    if len(words) < 2 or not words[0].startswith("HTTP/") or not words[1].isdigit():
+        raise ValueError("not an HTTP status line: %r" % lines[0][:80])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length")
+    if length is not None and length.isdigit():
+        if len(body) < int(length) and not complete:
+            return None
+        body = body[:int(length)]
+    elif not complete:
+        return None  # body ends at EOF (we asked for Connection: close)
+    return {"status": int(words[1]), "reason": words[2] if len(words) > 2 else "",
+            "body": body[:512].decode("utf-8", "replace"), "bytes": len(body)}
+
+
+def body_host(text: str):
+    """`serve --http` answers a JSON body naming its host."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc.get("host") if isinstance(doc, dict) else None
+
 
 class Attempt:
     def __init__(self, tgt):
@@ -364,24 +533,34 @@ class Attempt:
         self.buf = b""
         self.result = None
         self.token = os.urandom(8).hex().encode()
+        self.request = b""
 
-    def finish(self, verdict, err=0, peer_host=None, detail=None):
+    def finish(self, verdict, err=0, peer_host=None, detail=None, extra=None):
         if self.ms is None:
             self.ms = (time.monotonic() - self.start) * 1000.0
         self.result = {"to": self.tgt["to"], "proto": self.tgt["proto"], "verdict": verdict,
                        "ms": round(self.ms, 3), "peer_host": peer_host, "tries": max(self.tries, 1),
                        "errno": errno_name(err) or None, "error": detail or (os.strerror(err) if err else None)}
+        if extra:
+            self.result.update(extra)
         if self.sock is not None:
             self.sock.close()
 
 
 class ConnectRun:
-    """All attempts in one epoll loop, at most `parallel` in flight."""
+    """All attempts in one epoll loop, at most `parallel` in flight.
 
-    def __init__(self, targets, timeout, parallel, udp_tries):
+    tcp: connected once the handshake completes (peer_host from netprobe's greeting when one comes).
+    udp: connected once netprobe serve echoes our token. dns / dns-tcp: connected once the server answers
+    our query (any rcode: the flow passed; the answer is under "dns"). http: connected once an HTTP
+    response arrives (under "http"); a handshake without a response before the deadline is a timeout."""
+
+    def __init__(self, targets, timeout, parallel, udp_tries, dns_name="kubernetes.default.svc.cluster.local",
+                 dns_type="A"):
         self.todo = deque(Attempt(t) for t in targets)
         self.all = list(self.todo)
         self.timeout, self.parallel, self.udp_tries = timeout, parallel, udp_tries
+        self.dns_name, self.dns_type = dns_name, dns_type
         self.sel = selectors.DefaultSelector()
         self.active = []
 
@@ -393,16 +572,29 @@ class ConnectRun:
             wake = min([a.deadline for a in self.active] + [a.next_send for a in self.active if a.state == "udp"]
                        + [now + 0.5])
             for key, _ in self.sel.select(max(0.0, wake - now)):
-                self.on_event(key.data)
+                if key.data in self.active:
+                    self.on_event(key.data)
             self.tick(time.monotonic())
         return [a.result for a in self.all]
 
     def begin(self, att):
         att.start = time.monotonic()
         att.deadline = att.start + self.timeout
+        proto = att.tgt["proto"]
+        if proto in ("dns", "dns-tcp"):
+            try:
+                att.request = dns_query(self.dns_name, DNS_TYPES[self.dns_type], int.from_bytes(os.urandom(2), "big"))
+            except (ValueError, UnicodeError) as exc:
+                return att.finish(ERROR, detail="dns query: %s" % exc)
+            if proto == "dns-tcp":
+                att.request = struct.pack("!H", len(att.request)) + att.request
+        elif proto == "http":
+            att.request = http_request(att.tgt["host"], att.tgt["port"])
+        else:
+            att.request = b"netprobe " + att.token
         try:
             family, addr = resolve(att.tgt["host"], att.tgt["port"])
-            kind = socket.SOCK_STREAM if att.tgt["proto"] == "tcp" else socket.SOCK_DGRAM
+            kind = socket.SOCK_STREAM if proto in STREAM_PROTOS else socket.SOCK_DGRAM
             att.sock = socket.socket(family, kind)
             att.sock.setblocking(False)
             err = att.sock.connect_ex(addr)
@@ -413,7 +605,7 @@ class ConnectRun:
         if err not in (0, errno.EINPROGRESS):
             return att.finish(verdict_of(err), err)
         self.active.append(att)
-        if att.tgt["proto"] == "tcp":
+        if proto in STREAM_PROTOS:
             att.state = "connecting"
             self.sel.register(att.sock, selectors.EVENT_WRITE, att)
         else:
@@ -427,12 +619,19 @@ class ConnectRun:
         att.finish(*result, **kw)
 
     def on_event(self, att):
+        proto = att.tgt["proto"]
         if att.state == "connecting":
             err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 return self.done(att, verdict_of(err), err)
             att.ms = (time.monotonic() - att.start) * 1000.0
-            att.state = "greeting"
+            att.state = "greeting" if proto == "tcp" else "reply"
+            if proto != "tcp":
+                att.tries = 1
+                try:
+                    att.sock.send(att.request)  # small: fits the fresh socket's send buffer
+                except OSError as exc:
+                    return self.done(att, verdict_of(exc.errno), exc.errno)
             self.sel.modify(att.sock, selectors.EVENT_READ, att)
             return None
         try:
@@ -441,20 +640,53 @@ class ConnectRun:
             return None
         except OSError as exc:
             return self.done(att, verdict_of(exc.errno), exc.errno)
-        if att.state == "udp":
+        if proto == "udp":
             if att.token in data:
                 self.done(att, CONNECTED)
             return None
+        if proto == "dns":
+            return self.on_dns(att, data)
         att.buf += data
-        if b"\n" in att.buf or not data:
-            self.done(att, CONNECTED, peer_host=greeting_host(att.buf))
+        if proto == "tcp":
+            if b"\n" in att.buf or not data:
+                self.done(att, CONNECTED, peer_host=greeting_host(att.buf))
+            return None
+        if proto == "dns-tcp":
+            if len(att.buf) >= 2 and len(att.buf) >= 2 + struct.unpack("!H", att.buf[:2])[0]:
+                return self.on_dns(att, att.buf[2:])
+            if not data:
+                return self.done(att, ERROR, detail="connection closed before a whole DNS reply (%d bytes)"
+                                 % len(att.buf))
+            return None
+        return self.on_http(att, complete=not data)
+
+    def on_dns(self, att, data):
+        query = att.request[2:] if att.tgt["proto"] == "dns-tcp" else att.request
+        try:
+            reply = parse_dns_reply(data, query)
+        except ValueError as exc:
+            return self.done(att, ERROR, detail="malformed DNS reply: %s" % exc)
+        if reply is None:
+            if att.tgt["proto"] == "dns-tcp":
+                return self.done(att, ERROR, detail="TCP reply does not answer our DNS query")
+            return None  # a stray datagram: keep waiting for ours
+        reply.update({"name": self.dns_name, "type": self.dns_type})
+        return self.done(att, CONNECTED, extra={"dns": reply})
+
+    def on_http(self, att, complete):
+        try:
+            reply = parse_http_reply(att.buf, complete)
+        except ValueError as exc:
+            return self.done(att, ERROR, detail=str(exc))
+        if reply is not None:
+            self.done(att, CONNECTED, peer_host=body_host(reply["body"]), extra={"http": reply})
         return None
 
     def udp_send(self, att):
         att.tries += 1
         att.next_send = time.monotonic() + self.timeout / self.udp_tries
         try:
-            att.sock.send(b"netprobe " + att.token)
+            att.sock.send(att.request)
         except OSError as exc:
             self.done(att, verdict_of(exc.errno), exc.errno)
 
@@ -463,6 +695,10 @@ class ConnectRun:
             if now >= att.deadline:
                 if att.state == "greeting":  # connected, but no netprobe greeting
                     self.done(att, CONNECTED)
+                elif att.state == "reply":  # connected, but the service never answered
+                    what = "HTTP response" if att.tgt["proto"] == "http" else "DNS reply"
+                    self.done(att, TIMEOUT, errno.ETIMEDOUT,
+                              detail="TCP connected, no %s within %gs" % (what, self.timeout))
                 else:
                     self.done(att, TIMEOUT, errno.ETIMEDOUT)
             elif att.state == "udp" and now >= att.next_send and att.tries < self.udp_tries:
@@ -487,15 +723,32 @@ def read_targets(path: str):
 
 def cmd_connect(args):
     raise_nofile_limit()
-    return ConnectRun(args.targets, args.timeout, args.parallel, args.udp_tries).run()
+    return ConnectRun(args.targets, args.timeout, args.parallel, args.udp_tries, args.dns_name,
+                      args.dns_type).run()
 
 
 # ---------------------------------------------------------------- mtu
 
-class MtuSearch:
-    """Largest DF UDP payload echoed by `serve`, by binary search (few probes)."""
+BULK_TIMEOUT_FLOOR = 5.0  # seconds: the old fixed timeout is the least any transfer gets
+BULK_TIMEOUT_CAP = 120.0
+BULK_RTT_FACTOR = 8  # RTTs allowed per slow-start round (room for retransmissions)
 
-    def __init__(self, host, port, timeout):
+
+def bulk_timeout_for(rtt_s, nbytes, mss=1400):
+    """Seconds a bulk transfer of nbytes may take: slow start from IW10 needs about
+    log2(segments/10) round trips; allow BULK_RTT_FACTOR RTTs per round on top of a floor, capped."""
+    if rtt_s is None:
+        return BULK_TIMEOUT_FLOOR
+    segments = max(1, math.ceil(nbytes / mss))
+    rounds = math.ceil(math.log2(segments / 10.0 + 1)) + 1
+    return round(min(BULK_TIMEOUT_CAP, BULK_TIMEOUT_FLOOR + BULK_RTT_FACTOR * rounds * rtt_s), 3)
+
+
+class MtuSearch:
+    """Largest DF UDP payload echoed by `serve`, by binary search (few probes).
+    A size that gets no echo is sent again, up to `tries` times, before it counts as lost."""
+
+    def __init__(self, host, port, timeout, tries=3):
         self.family, addr = resolve(host, port, socket.SOCK_DGRAM)
         self.v6 = self.family == socket.AF_INET6
         self.overhead = 48 if self.v6 else 28
@@ -506,10 +759,14 @@ class MtuSearch:
             self.sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
         self.sock.connect(addr)
         self.timeout = timeout
-        self.probes = 0
+        self.tries = tries
+        self.probes = 0  # datagrams sent
+        self.sizes = 0  # sizes tried
+        self.retried = 0  # datagrams sent again because a size got no echo
         self.icmp_seen = False
         self.udp_error = None
         self.lost = []
+        self.rtts = []
 
     def kernel_mtu(self) -> int:
         if self.v6:
@@ -517,21 +774,33 @@ class MtuSearch:
         return self.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
 
     def probe(self, size: int):
-        """-> 'echo', 'lost', or the smaller MTU the kernel/ICMP reported (int)."""
+        """-> 'echo', 'lost' (no echo after `tries` sends), or the smaller MTU the kernel/ICMP reported (int)."""
+        self.sizes += 1
+        for attempt in range(self.tries):
+            if attempt:
+                self.retried += 1
+            outcome = self.send_once(size)
+            if outcome != "lost" or self.udp_error:
+                break
+        if outcome == "lost":
+            self.lost.append(size)
+        return outcome
+
+    def send_once(self, size: int):
         self.probes += 1
         token = os.urandom(8).hex().encode()
         payload = (token * (size // len(token) + 1))[:size]
+        sent = time.monotonic()
         try:
             self.sock.send(payload)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 return self.kernel_mtu()
             raise
-        deadline = time.monotonic() + self.timeout
+        deadline = sent + self.timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self.lost.append(size)
                 return "lost"
             self.sock.settimeout(left)
             try:
@@ -547,13 +816,14 @@ class MtuSearch:
                     return "lost"
                 raise
             if data[:len(token)] == token and len(data) == size:
+                self.rtts.append(time.monotonic() - sent)
                 return "echo"
 
     def run(self, max_mtu):
         start_mtu = self.kernel_mtu()
         hi = min(max_mtu or start_mtu, start_mtu) - self.overhead
         lo = 64
-        if self.reachable(lo) is False:
+        if self.probe(lo) != "echo":
             return start_mtu, None
         bad = hi + 1
         candidate = hi
@@ -572,42 +842,63 @@ class MtuSearch:
             candidate = (lo + bad) // 2
         return start_mtu, lo
 
-    def reachable(self, size):
-        for _ in range(3):
-            if self.probe(size) == "echo":
-                return True
-        return False
+    def rtt(self):
+        """The slowest echo seen (seconds), None without one: a conservative base for timeouts."""
+        return max(self.rtts) if self.rtts else None
 
 
 def tcp_bulk(host, port, mib, timeout) -> dict:
+    """Send mib MiB to `serve`, half-close, wait for its receipt. `verdict` says what happened, in
+    connect's words: connected (the receipt came back), refused / unreachable / timeout / error at
+    `stage` connect, reset, or timeout (stalled) at stage send or receipt."""
     total = int(mib * 1024 * 1024)
     start = time.monotonic()
-    out = {"requested": total, "bytes": 0, "seconds": 0.0, "ok": False, "error": None}
+    out = {"requested": total, "bytes": 0, "seconds": 0.0, "ok": False, "error": None, "errno": None,
+           "stage": "connect", "verdict": None, "timeout": timeout}
+    sock = None
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
+        out["stage"] = "send"
         sock.settimeout(max(0.1, timeout - (time.monotonic() - start)))
         sock.sendall(b"\0" * total)
         sock.shutdown(socket.SHUT_WR)
-        received = drain_for_receipt(sock, start + timeout)
-        sock.close()
-        out["bytes"] = received if received is not None else 0
-        out["ok"] = received == total
+        out["stage"] = "receipt"
+        received, closed = drain_for_receipt(sock, start + timeout)
         if received is None:
-            out["error"] = "no receipt from netprobe serve"
+            out["verdict"] = ERROR if closed else TIMEOUT
+            out["error"] = ("peer closed without a receipt (not netprobe serve?)" if closed
+                            else "stalled: no receipt after %.1fs" % timeout)
+        else:
+            out["bytes"] = received
+            out["ok"] = received == total
+            out["verdict"] = CONNECTED
+            out["stage"] = None if out["ok"] else "receipt"
+            if not out["ok"]:
+                out["error"] = "peer received %d of %d bytes" % (received, total)
     except socket.timeout:
+        out["verdict"] = TIMEOUT
+        out["errno"] = "ETIMEDOUT"
         out["error"] = "stalled: timeout after %.1fs" % timeout
     except OSError as exc:
+        out["verdict"] = verdict_of(exc.errno)
+        out["errno"] = errno_name(exc.errno) or None
         out["error"] = "%s: %s" % (errno_name(exc.errno), exc.strerror)
+    finally:
+        if sock is not None:
+            sock.close()
     out["seconds"] = round(time.monotonic() - start, 3)
     return out
 
 
 def drain_for_receipt(sock, deadline):
+    """-> (bytes the peer confirmed or None, whether the peer closed). socket.timeout propagates."""
     buf = b""
+    closed = False
     while time.monotonic() < deadline:
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         data = sock.recv(65535)
         if not data:
+            closed = True
             break
         buf += data
     for line in buf.splitlines():
@@ -616,33 +907,49 @@ def drain_for_receipt(sock, deadline):
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(doc, dict) and "received" in doc:
-            return doc["received"]
-    return None
+            return doc["received"], closed
+    return None, closed
 
 
 def mtu_verdict(largest, silent_loss, bulk):
+    """ok | black_hole | tcp_failed, or what stopped the measurement: unreachable (no UDP echo at all),
+    refused / unreachable / timeout / error (the bulk TCP connection never opened), reset.
+    black_hole only when a connected transfer stalled and large datagrams vanished (or nothing arrived)."""
     if largest is None:
         return UNREACHABLE
     if bulk is None:
         return "black_hole" if silent_loss else "ok"
     if bulk["ok"]:
         return "ok"
-    return "black_hole" if silent_loss or bulk["bytes"] == 0 else "tcp_failed"
+    if bulk.get("stage") == "connect":
+        return bulk.get("verdict") or ERROR
+    if bulk.get("verdict") == RESET:
+        return RESET
+    if bulk.get("verdict") == TIMEOUT and (silent_loss or bulk["bytes"] == 0):
+        return "black_hole"
+    return "tcp_failed"
 
 
 def cmd_mtu(args) -> dict:
     host, port = args.to
     started = time.monotonic()
     try:
-        search = MtuSearch(host, port, args.timeout)
+        search = MtuSearch(host, port, args.timeout, args.retries + 1)
         start_mtu, largest = search.run(args.max)
     except OSError as exc:
         raise CannotRun("mtu probe to %s:%d failed: %s" % (host, port, exc))
     silent = largest is not None and any(size > largest for size in search.lost)
-    bulk = tcp_bulk(host, port, args.bulk_mib, args.bulk_timeout) if largest and args.bulk_mib else None
+    rtt = search.rtt()
+    nbytes = int(args.bulk_mib * 1024 * 1024)
+    bulk_timeout = args.bulk_timeout or bulk_timeout_for(rtt, nbytes, (largest or 1400) - 12)
+    bulk = tcp_bulk(host, port, args.bulk_mib, bulk_timeout) if largest and args.bulk_mib else None
     return {"to": "%s:%d" % (host, port), "largest_udp_payload": largest,
             "path_mtu": largest + search.overhead if largest is not None else None,
-            "probes": search.probes, "local_route_mtu": start_mtu, "icmp_seen": search.icmp_seen,
+            "probes": search.probes, "sizes_tried": search.sizes, "retried": search.retried,
+            "lost_sizes": sorted(set(search.lost)),
+            "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
+            "bulk_timeout": bulk_timeout, "bulk_timeout_from": "option" if args.bulk_timeout else "rtt",
+            "local_route_mtu": start_mtu, "icmp_seen": search.icmp_seen,
             "udp_error": search.udp_error,
             "silent_loss": silent, "tcp_bulk": bulk, "seconds": round(time.monotonic() - started, 3),
             "verdict": mtu_verdict(largest, silent, bulk)}
@@ -833,12 +1140,55 @@ def read_text(path: str):
         return None
 
 
+def read_text_or_error(path: str):
+    """-> (text, None) or (None, message)."""
+    try:
+        with open(path) as src:
+            return src.read(), None
+    except OSError as exc:
+        return None, "cannot read %s: %s" % (path, exc.strerror or exc)
+
+
 def read_sysctl(name: str):
     text = read_text("/proc/sys/" + name.replace(".", "/"))
     if text is None:
         return None
     text = text.strip()
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+class Facts:
+    """Collects what `facts` could not read: every missing value is an entry in "errors", never a zero."""
+
+    def __init__(self):
+        self.errors = []
+
+    def error(self, what: str, message: str):
+        self.errors.append({"what": what, "error": message})
+
+    def counter(self, name: str):
+        """A sysctl that is a counter/limit: an int, or None with an error entry."""
+        path = "/proc/sys/" + name.replace(".", "/")
+        text, err = read_text_or_error(path)
+        if text is None:
+            self.error(name, err)
+            return None
+        if not text.strip().isdigit():
+            self.error(name, "%s holds %r, not a number" % (path, text[:40]))
+            return None
+        return int(text)
+
+    def parsed(self, what: str, path: str, parse):
+        """parse(text of path), or None with an error entry when unreadable or unparsable."""
+        text, err = read_text_or_error(path)
+        if text is None:
+            self.error(what, err)
+            return None
+        try:
+            return parse(text)
+        except (ValueError, IndexError, KeyError) as exc:
+            self.error(what, "cannot parse %s: %s" % (path, exc))
+            return None
 
 
 def interfaces():
@@ -851,44 +1201,184 @@ def interfaces():
     return out
 
 
-def parse_ip_route_default(text: str):
-    """First 'default ...' line of `ip route` -> dict(dev, via, mtu) (mtu None if not set on the route)."""
-    for line in text.splitlines():
-        words = line.split()
-        if words[:1] != ["default"]:
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h): enough to dump IPv4 routes without `ip`.
+NLMSG_ERROR, NLMSG_DONE, NLM_F_REQUEST, NLM_F_DUMP = 2, 3, 0x1, 0x300
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_METRICS, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 8, 9, 15
+RTAX_MTU, RT_TABLE_MAIN, RTN_UNICAST = 2, 254, 1
+# Addresses only a default route covers in a sane routing table (TEST-NET-1..3, RFC 5737). Connecting a UDP
+# socket to one sends nothing: it only makes the kernel pick the route, whose MTU IP_MTU then reports.
+ROUTE_PROBE_ADDRS = ("192.0.2.1", "198.51.100.1", "203.0.113.1")
+
+
+def nl_attrs(data: bytes, offset: int = 0):
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            raise ValueError("netlink attribute of length %d" % length)
+        yield kind & 0x3FFF, data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse_rtnl_routes(data: bytes):
+    """Netlink messages of a RTM_GETROUTE dump -> (routes, done). OSError for an NLMSG_ERROR."""
+    routes, offset = [], 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16 or offset + length > len(data):
+            raise ValueError("netlink message of length %d at %d of %d" % (length, offset, len(data)))
+        body = data[offset + 16:offset + length]
+        offset += (length + 3) & ~3
+        if kind == NLMSG_DONE:
+            return routes, True
+        if kind == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", body)[0]
+            if err:
+                raise OSError(err, "rtnetlink: %s" % os.strerror(err))
             continue
-        route = {"dev": None, "via": None, "mtu": None}
-        for key, value in zip(words, words[1:] + [""]):
-            if key in ("dev", "via"):
-                route[key] = value
-            elif key == "mtu":
-                route["mtu"] = int(value if value != "lock" else words[words.index("lock") + 1])
-        return route
-    return None
+        if kind != RTM_NEWROUTE:
+            continue
+        family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = struct.unpack_from("=8BI", body)
+        route = {"family": family, "dst_len": dst_len, "table": table, "type": rtype, "dst": None,
+                 "oif": None, "gateway": None, "priority": 0, "mtu": None, "multipath": False}
+        for attr, value in nl_attrs(body, 12):
+            if attr == RTA_DST and family == socket.AF_INET:
+                route["dst"] = socket.inet_ntop(socket.AF_INET, value)
+            elif attr == RTA_OIF:
+                route["oif"] = struct.unpack("=I", value)[0]
+            elif attr == RTA_GATEWAY and family == socket.AF_INET:
+                route["gateway"] = socket.inet_ntop(socket.AF_INET, value)
+            elif attr == RTA_PRIORITY:
+                route["priority"] = struct.unpack("=I", value)[0]
+            elif attr == RTA_TABLE:
+                route["table"] = struct.unpack("=I", value)[0]
+            elif attr == RTA_MULTIPATH:
+                route["multipath"] = True
+            elif attr == RTA_METRICS:
+                for metric, mvalue in nl_attrs(value):
+                    if metric == RTAX_MTU:
+                        route["mtu"] = struct.unpack("=I", mvalue)[0] or None
+        routes.append(route)
+    return routes, False
+
+
+def rtnl_routes_v4(timeout: float = 2.0, max_reads: int = 10000):
+    """All IPv4 routes from the kernel (RTM_GETROUTE dump over NETLINK_ROUTE; unprivileged)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        seq = int.from_bytes(os.urandom(3), "big")
+        rtmsg = struct.pack("=8BI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(rtmsg), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + rtmsg)
+        routes = []
+        for _ in range(max_reads):
+            batch, done = parse_rtnl_routes(sock.recv(1 << 16))
+            routes += batch
+            if done:
+                return routes
+        raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
+    finally:
+        sock.close()
+
+
+def covers(route, addr: str) -> bool:
+    if route["dst"] is None or route["dst_len"] == 0:
+        return route["dst_len"] == 0
+    shift = 32 - route["dst_len"]
+    net = struct.unpack("!I", socket.inet_aton(route["dst"]))[0] >> shift
+    return struct.unpack("!I", socket.inet_aton(addr))[0] >> shift == net
+
+
+def kernel_route_mtu(addr: str) -> int:
+    """The MTU the kernel uses for packets to addr (IP_MTU on a connected UDP socket). Sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((addr, 9))
+        return sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
 
 
 def parse_proc_route_default(text: str):
+    """/proc/net/route -> dict(dev, via) of the default route. Its MTU column is advmss+40 (0 when unset),
+    never the route MTU, so it is not read."""
     for line in text.splitlines()[1:]:
         cols = line.split()
-        if len(cols) >= 9 and cols[1] == "00000000" and cols[7] == "00000000":
+        if len(cols) >= 8 and cols[1] == "00000000" and cols[7] == "00000000":
             gw = socket.inet_ntoa(struct.pack("<I", int(cols[2], 16)))
-            return {"dev": cols[0], "via": gw if gw != "0.0.0.0" else None, "mtu": int(cols[8]) or None}
+            return {"dev": cols[0], "via": gw if gw != "0.0.0.0" else None}
     return None
 
 
-def default_route():
-    route, source = None, None
-    if shutil.which("ip"):
-        res = subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True, timeout=10)
-        route, source = parse_ip_route_default(res.stdout), "ip route"
-    if route is None:
-        route, source = parse_proc_route_default(read_text("/proc/net/route") or ""), "/proc/net/route"
+def proc_routes_v4(text: str):
+    """/proc/net/route -> routes shaped like parse_rtnl_routes' (main table only, no MTU)."""
+    routes = []
+    for line in text.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) < 8:
+            continue
+        mask = struct.unpack("<I", struct.pack(">I", int(cols[7], 16)))[0]
+        routes.append({"dst": socket.inet_ntoa(struct.pack("<I", int(cols[1], 16))),
+                       "dst_len": bin(mask).count("1"), "table": RT_TABLE_MAIN, "type": RTN_UNICAST})
+    return routes
+
+
+def default_route(facts: Facts):
+    """The IPv4 default route and the MTU the kernel uses on it, without `ip`.
+
+    mtu: the route's own MTU metric (rtnetlink; None when the route sets none). dev_mtu: its device's MTU.
+    kernel_mtu: IP_MTU towards kernel_mtu_to, an address only the default route covers.
+    effective_mtu: the MTU the kernel uses for the route: kernel_mtu, else the rtnetlink metric or the
+    device MTU when the route sets none; None (with an "errors" entry) when neither could be read."""
+    route, routes, rtnl_error = None, None, None
+    try:
+        routes = [r for r in rtnl_routes_v4() if r["table"] == RT_TABLE_MAIN and r["type"] == RTN_UNICAST]
+        defaults = sorted((r for r in routes if r["dst_len"] == 0), key=lambda r: r["priority"])
+        if defaults:
+            best = defaults[0]
+            dev = None
+            if best["oif"] is not None:
+                try:
+                    dev = socket.if_indextoname(best["oif"])
+                except OSError:
+                    dev = None
+            route = {"dev": dev, "via": best["gateway"], "mtu": best["mtu"], "source": "rtnetlink",
+                     "multipath": best["multipath"]}
+    except (OSError, ValueError, struct.error) as exc:
+        rtnl_error = "rtnetlink route dump failed: %s" % exc
+        facts.error("default_route.mtu", rtnl_error)
+        routes = None
+    if route is None and rtnl_error:
+        text, err = read_text_or_error("/proc/net/route")
+        if text is None:
+            facts.error("default_route", err)
+            return None
+        found = parse_proc_route_default(text)
+        if found is None:
+            return None
+        route = dict(found, mtu=None, source="/proc/net/route", multipath=False)
+        routes = proc_routes_v4(text)
     if route is None:
         return None
-    route["source"] = source
     dev_mtu = read_text("/sys/class/net/%s/mtu" % route["dev"]) if route["dev"] else None
     route["dev_mtu"] = int(dev_mtu) if dev_mtu and dev_mtu.strip().isdigit() else None
-    route["effective_mtu"] = route["mtu"] or route["dev_mtu"]
+    route["kernel_mtu"] = route["kernel_mtu_to"] = None
+    specific = [r for r in routes if r["dst_len"] > 0]
+    probe = next((a for a in ROUTE_PROBE_ADDRS if not any(covers(r, a) for r in specific)), None)
+    if probe is None:
+        facts.error("default_route.kernel_mtu", "every address in %s has a more specific route"
+                    % ", ".join(ROUTE_PROBE_ADDRS))
+    else:
+        try:
+            route["kernel_mtu"], route["kernel_mtu_to"] = kernel_route_mtu(probe), probe
+        except OSError as exc:
+            facts.error("default_route.kernel_mtu", "IP_MTU towards %s: %s" % (probe, exc))
+    if route["kernel_mtu"] is not None:
+        route["effective_mtu"] = route["kernel_mtu"]
+    elif route["source"] == "rtnetlink":
+        route["effective_mtu"] = route["mtu"] or route["dev_mtu"]
+    else:
+        route["effective_mtu"] = None
+        facts.error("default_route.effective_mtu", "neither rtnetlink nor IP_MTU answered: the route MTU "
+                    "is unknown (/proc/net/route does not hold it)")
     return route
 
 
@@ -896,14 +1386,14 @@ def parse_conntrack_stat(text: str):
     """/proc/net/stat/nf_conntrack: a header, one hex row per CPU -> summed counters.
     'entries' is the table size repeated on every row, so it is taken once, not summed."""
     lines = [ln.split() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return None
+    if len(lines) < 2:
+        raise ValueError("no per-CPU rows")
     header, rows = lines[0], lines[1:]
     sums = {name: 0 for name in header}
     for row in rows:
         for name, value in zip(header, row):
             sums[name] += int(value, 16)
-    if "entries" in sums and rows:
+    if "entries" in sums:
         sums["entries"] = int(rows[0][header.index("entries")], 16)
     return sums
 
@@ -911,18 +1401,34 @@ def parse_conntrack_stat(text: str):
 def parse_snmp(text: str, prefix: str = "Ip"):
     """/proc/net/snmp: pairs of 'Ip: names' / 'Ip: values' lines -> {name: int}."""
     rows = [ln.split() for ln in text.splitlines() if ln.startswith(prefix + ":")]
-    if len(rows) < 2:
-        return {}
+    if len(rows) < 2 or len(rows[0]) != len(rows[1]):
+        raise ValueError("no %r names/values pair" % prefix)
     return dict(zip(rows[0][1:], (int(v) for v in rows[1][1:])))
 
 
-def ip_fragment_counters():
-    ip = parse_snmp(read_text("/proc/net/snmp") or "")
-    out = {k: v for k, v in ip.items() if k.startswith(("Frag", "Reasm"))}
-    for line in (read_text("/proc/net/snmp6") or "").splitlines():
+def parse_snmp6_fragments(text: str):
+    out = {}
+    for line in text.splitlines():
         cols = line.split()
         if len(cols) == 2 and cols[0].startswith(("Ip6Frag", "Ip6Reasm")):
             out[cols[0]] = int(cols[1])
+    if not out:
+        raise ValueError("no Ip6Frag*/Ip6Reasm* counters")
+    return out
+
+
+def ip_fragment_counters(facts: Facts):
+    """IPv4 (and, when the kernel has IPv6, IPv6) fragment counters; None with an error when unreadable."""
+    ip = facts.parsed("ip_fragments", "/proc/net/snmp", parse_snmp)
+    if ip is None:
+        return None
+    out = {k: v for k, v in ip.items() if k.startswith(("Frag", "Reasm"))}
+    if not out:
+        facts.error("ip_fragments", "/proc/net/snmp has no Frag*/Reasm* counters")
+        return None
+    if os.path.exists("/proc/net/snmp6"):
+        v6 = facts.parsed("ip_fragments.ipv6", "/proc/net/snmp6", parse_snmp6_fragments)
+        out.update(v6 or {})
     return out
 
 
@@ -935,39 +1441,53 @@ def kube_proxy_running() -> bool:
     return False
 
 
-def kube_services_rules():
-    """KUBE-SERVICES in iptables-save, or kube-proxy's tables in `nft list ruleset`; None when unknown."""
+def kube_services_rules(facts: Facts):
+    """KUBE-SERVICES in iptables-save, or kube-proxy's tables in `nft list ruleset`.
+    present: True/False from the tools that ran; None when none could tell (absent tools, as in a pod,
+    or failing ones: each failure is an "errors" entry)."""
     sources = {}
     for tool, cmd in (("iptables-save", ["iptables-save"]), ("nft", ["nft", "list", "ruleset"])):
         if not shutil.which(cmd[0]):
             continue
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as exc:
             sources[tool] = None
+            facts.error("kube_services_rules." + tool, "%s: %s" % (" ".join(cmd), exc))
             continue
         text = res.stdout
-        sources[tool] = None if res.returncode else (
-            "KUBE-SERVICES" in text or "table ip kube-proxy" in text or "table ip6 kube-proxy" in text)
+        if res.returncode:
+            sources[tool] = None
+            facts.error("kube_services_rules." + tool, "%s exited %d: %s"
+                        % (" ".join(cmd), res.returncode, res.stderr.strip()[:200]))
+            continue
+        sources[tool] = "KUBE-SERVICES" in text or "table ip kube-proxy" in text or "table ip6 kube-proxy" in text
     known = [v for v in sources.values() if v is not None]
     return {"present": any(known) if known else None, "sources": sources}
 
 
 def cmd_facts(_args) -> dict:
-    stat = read_text("/proc/net/stat/nf_conntrack")
-    return {
+    facts = Facts()
+    stat = None
+    if os.path.exists("/proc/net/stat/nf_conntrack"):
+        stat = facts.parsed("conntrack.stat", "/proc/net/stat/nf_conntrack", parse_conntrack_stat)
+    else:
+        facts.error("conntrack.stat", "/proc/net/stat/nf_conntrack is absent (nf_conntrack not loaded?)")
+    doc = {
         "hostname": socket.gethostname(),
         "kernel": platform.release(),
         "sysctls": {name: read_sysctl(name) for name in TUNING_SYSCTLS},
         "interfaces": interfaces(),
-        "default_route": default_route(),
-        "conntrack": {"count": read_sysctl("net.netfilter.nf_conntrack_count"),
-                      "max": read_sysctl("net.netfilter.nf_conntrack_max"),
-                      "stat": parse_conntrack_stat(stat) if stat else None},
-        "ip_fragments": ip_fragment_counters(),
+        "default_route": default_route(facts),
+        "conntrack": {"count": facts.counter("net.netfilter.nf_conntrack_count"),
+                      "max": facts.counter("net.netfilter.nf_conntrack_max"),
+                      "stat": stat},
+        "ip_fragments": ip_fragment_counters(facts),
         "kube_proxy_running": kube_proxy_running(),
-        "kube_services_rules": kube_services_rules(),
+        "kube_services_rules": kube_services_rules(facts),
     }
+    doc["errors"] = facts.errors
+    return doc
 
 
 # ---------------------------------------------------------------- main
@@ -986,6 +1506,7 @@ def build_parser() -> Parser:
     s = sub.add_parser("serve", help="TCP greeter/sink and UDP echo; runs until killed")
     s.add_argument("--tcp", type=port_list, default=[], help="comma-separated TCP ports")
     s.add_argument("--udp", type=port_list, default=[], help="comma-separated UDP ports")
+    s.add_argument("--http", type=port_list, default=[], help="comma-separated TCP ports answering HTTP GET")
     s.add_argument("--bind", help="address to bind (default: all, dual-stack)")
     s.add_argument("--ready-file", help="written (JSON) once listening")
     s.add_argument("--workers", type=positive(int), default=4, help="processes, each with SO_REUSEPORT listeners")
@@ -997,13 +1518,19 @@ def build_parser() -> Parser:
     c.add_argument("--timeout", type=positive(float), default=2.0, help="seconds per target")
     c.add_argument("--parallel", type=positive(int), default=128)
     c.add_argument("--udp-tries", type=positive(int), default=3, help="UDP sends within the timeout")
+    c.add_argument("--dns-name", default="kubernetes.default.svc.cluster.local", help="name asked by /dns targets")
+    c.add_argument("--dns-type", choices=sorted(DNS_TYPES), default="A", help="record type asked by /dns targets")
 
     m = sub.add_parser("mtu", help="path MTU by DF UDP binary search, then a TCP bulk transfer")
     m.add_argument("--to", type=host_port, required=True, help="HOST:PORT where serve has TCP and UDP")
     m.add_argument("--max", type=int, default=0, help="largest packet size (bytes) to try; default: route MTU")
     m.add_argument("--bulk-mib", type=non_negative, default=2.0, help="TCP transfer size (0 = skip)")
-    m.add_argument("--bulk-timeout", type=positive(float), default=5.0)
+    m.add_argument("--bulk-timeout", type=positive(float), default=None,
+                   help="seconds for the TCP transfer (default: from the measured RTT, %g..%g s)"
+                   % (BULK_TIMEOUT_FLOOR, BULK_TIMEOUT_CAP))
     m.add_argument("--timeout", type=positive(float), default=0.5, help="seconds to wait for each echo")
+    m.add_argument("--retries", type=int, choices=range(0, 10), default=2, metavar="0..9",
+                   help="sends again a size that got no echo before counting it as lost")
 
     ld = sub.add_parser("load", help="open, hold and close many TCP connections")
     ld.add_argument("--to", type=host_ports, required=True, help="HOST:PORT[,PORT...]")
@@ -1024,6 +1551,9 @@ def check_args(parser, args):
         args.targets = args.targets + (args.target_file or [])
         if not args.targets:
             parser.error("connect: give at least one --to HOST:PORT/PROTO or --targets FILE")
+    if args.cmd == "serve" and set(args.tcp) & set(args.http):
+        parser.error("serve: a port is either --tcp or --http, not both: %s"
+                     % ",".join(map(str, sorted(set(args.tcp) & set(args.http)))))
     if args.cmd == "mtu" and args.max and not 68 <= args.max <= 65535:
         parser.error("mtu: --max is the largest packet size in bytes (68..65535), got %d" % args.max)
     if args.cmd == "load" and args.connections > 1_000_000:

@@ -5,7 +5,10 @@
 Addresses live in 10.200.0.0/16 and only inside namespaces made here:
 underlay 10.200.0.1/.2, overlay devices 10.200.254.1/.2, pod1 10.200.1.2 behind
 br0 10.200.1.1, pod2 10.200.2.2 behind br0 10.200.2.1, service VIP 10.200.99.10.
-Every namespace is named npt-<pid>-<n>-<role> and deleted by Lab.close().
+Every namespace is named <prefix>-<pid>-<n>-<role> (prefix: $NETNS_TEST_PREFIX, default npt) and deleted
+by Lab.close().
+
+build_cilium() builds Cilium's own layout (see its docstring) in 10.201.0.0/16.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class Lab:
     """Owns namespaces and processes; close() removes everything it made."""
 
     def __init__(self):
-        self.prefix = "npt-%d-%d-" % (os.getpid(), next(_counter))
+        self.prefix = "%s-%d-%d-" % (os.environ.get("NETNS_TEST_PREFIX", "npt"), os.getpid(), next(_counter))
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.tmp = Path(tempfile.mkdtemp(prefix=self.prefix))
@@ -87,16 +90,30 @@ class Lab:
                 raise RuntimeError("%s not ready after %.0fs" % (what, seconds))
             time.sleep(0.02)
 
-    def serve(self, ns: str, tcp="", udp="", hostname=None, workers=2) -> subprocess.Popen:
+    def serve(self, ns: str, tcp="", udp="", hostname=None, workers=2, http="") -> subprocess.Popen:
         ready = self.tmp / ("serve-%d.ready" % len(self.procs))
         argv = [sys.executable, str(NETPROBE), "serve", "--ready-file", str(ready), "--workers", str(workers)]
-        argv += (["--tcp", tcp] if tcp else []) + (["--udp", udp] if udp else [])
+        argv += (["--tcp", tcp] if tcp else []) + (["--udp", udp] if udp else []) + (["--http", http] if http else [])
         proc = self.spawn(ns, argv, hostname)
         self.wait_file(ready, proc, "netprobe serve in " + ns)
         return proc
 
-    def probe(self, ns: str, *args, timeout=120) -> dict | list:
-        res = sh("ip", "netns", "exec", ns, sys.executable, str(NETPROBE), *args, check=False, timeout=timeout)
+    def slim_path(self) -> str:
+        """A directory holding only python3: PATH as in a slim probe image (no ip, iptables, nft, conntrack)."""
+        bin_dir = self.tmp / "slim-bin"
+        if not bin_dir.exists():
+            bin_dir.mkdir()
+            (bin_dir / "python3").symlink_to(os.path.realpath(sys.executable))
+        return str(bin_dir)
+
+    def probe(self, ns: str, *args, timeout=120, slim=False) -> dict | list:
+        """Run netprobe in ns; slim=True runs it as in a pod image: PATH holds only python3, no other env."""
+        if slim:
+            path = self.slim_path()
+            argv = ["env", "-i", "PATH=" + path, os.path.join(path, "python3"), str(NETPROBE)]
+        else:
+            argv = [sys.executable, str(NETPROBE)]
+        res = sh("ip", "netns", "exec", ns, *argv, *args, check=False, timeout=timeout)
         if res.returncode != 0:
             raise AssertionError("netprobe %s rc=%d\nstdout=%s\nstderr=%s"
                                  % (" ".join(args), res.returncode, res.stdout, res.stderr))
@@ -218,3 +235,122 @@ def capture(name: str, doc) -> None:
     out = Path(__file__).resolve().parents[1] / "fixtures" / "netprobe" / (name + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- Cilium's layout
+
+CIL_LAN = "10.201.0.0/24"  # the nodes' L2 segment (underlay), a bridge in namespace "lan"
+CIL_NODE = {1: "10.201.0.1", 2: "10.201.0.2"}
+CIL_RUNNER = "10.201.0.100"
+CIL_LB_VIP = "10.201.0.200"  # a LoadBalancer address on the LAN, answered (ARP) by node1
+CIL_POD = {1: "10.201.1.2", 2: "10.201.2.2"}
+CIL_ROUTER = {1: "10.201.1.1", 2: "10.201.2.1"}  # the pods' gateway on each node (cilium_host's role)
+VXLAN_OVERHEAD = 50
+
+
+@dataclass
+class Cilium:
+    """Namespaces and addresses of build_cilium()'s layout."""
+
+    lab: Lab
+    lan: str
+    runner: str
+    node1: str
+    node2: str
+    pod1: str
+    pod2: str
+    route_mtu: int | None
+
+    def pod_ip(self, n: int) -> str:
+        return CIL_POD[n]
+
+
+def build_cilium(lab: Lab, route_mtu: int | None = 1450, lb_vip: bool = True) -> Cilium:
+    """Cilium's datapath shape with kernel parts:
+
+        runner (10.201.0.100) ---+
+        node1  (10.201.0.1, LB VIP 10.201.0.200/32) ---+--- br0 in "lan" (L2, MTU 1500)
+        node2  (10.201.0.2) ---+
+        node1 ov0 ==VXLAN id 42, dstport 4789, df set, MTU 1500-50== node2 ov0 (10.201.254.1/.2)
+        pod1 eth0 (1500, 10.201.1.2/32) --veth-- lxc0 node1 (10.201.1.1/32); pod2 likewise on node2
+
+    Each pod's eth0 stays at 1500 (the base MTU); its routes are `10.201.n.1 dev eth0 scope link` and
+    `default via 10.201.n.1 dev eth0 mtu <route_mtu>` (Cilium's CNI plugin sets Route.MTU; route_mtu=None
+    leaves it unset, the fault). Nodes route the other pod's /24 over ov0. node1 owns the LB VIP on its LAN
+    link (so it answers ARP for it), DNATs VIP:80 to pod2:8080 and masquerades that flow (externalTrafficPolicy
+    Cluster), so the runner on the same L2 reaches pod2 through node1."""
+    c = Cilium(lab, lab.netns("lan"), lab.netns("runner"), lab.netns("node1"), lab.netns("node2"),
+               lab.netns("pod1"), lab.netns("pod2"), route_mtu)
+    lab.ip(c.lan, "link", "add", "br0", "mtu", "1500", "type", "bridge")
+    lab.ip(c.lan, "link", "set", "br0", "up")
+    for i, (ns, addr) in enumerate(((c.node1, CIL_NODE[1]), (c.node2, CIL_NODE[2]), (c.runner, CIL_RUNNER))):
+        port = "p%d" % i
+        lab.ip(c.lan, "link", "add", port, "mtu", "1500", "type", "veth", "peer", "name", "lan0", "netns", ns,
+               "mtu", "1500")
+        lab.ip(c.lan, "link", "set", port, "master", "br0")
+        lab.ip(c.lan, "link", "set", port, "up")
+        lab.ip(ns, "addr", "add", addr + "/24", "dev", "lan0")
+        lab.ip(ns, "link", "set", "lan0", "up")
+    for n, node in ((1, c.node1), (2, c.node2)):
+        lab.sysctl(node, "net.ipv4.ip_forward", 1)
+        other = 3 - n
+        lab.ip(node, "link", "add", "ov0", "type", "vxlan", "id", "42", "local", CIL_NODE[n], "remote",
+               CIL_NODE[other], "dstport", "4789", "dev", "lan0", "df", "set")
+        lab.ip(node, "link", "set", "ov0", "mtu", str(1500 - VXLAN_OVERHEAD))
+        lab.ip(node, "addr", "add", "10.201.254.%d/24" % n, "dev", "ov0")
+        lab.ip(node, "link", "set", "ov0", "up")
+        lab.ip(node, "route", "add", "10.201.%d.0/24" % other, "via", "10.201.254.%d" % other, "dev", "ov0")
+        pod = (c.pod1, c.pod2)[n - 1]
+        lab.ip(node, "link", "add", "lxc0", "mtu", "1500", "type", "veth", "peer", "name", "eth0", "netns", pod,
+               "mtu", "1500")
+        lab.ip(node, "addr", "add", CIL_ROUTER[n] + "/32", "dev", "lxc0")
+        lab.ip(node, "link", "set", "lxc0", "up")
+        lab.ip(node, "route", "add", CIL_POD[n] + "/32", "dev", "lxc0", "scope", "link")
+        lab.ip(pod, "addr", "add", CIL_POD[n] + "/32", "dev", "eth0")
+        lab.ip(pod, "link", "set", "eth0", "up")
+        lab.ip(pod, "route", "add", CIL_ROUTER[n], "dev", "eth0", "scope", "link")
+        mtu = ["mtu", str(route_mtu)] if route_mtu else []
+        lab.ip(pod, "route", "add", "default", "via", CIL_ROUTER[n], "dev", "eth0", *mtu)
+    if lb_vip:
+        lab.ip(c.node1, "addr", "add", CIL_LB_VIP + "/32", "dev", "lan0")
+        lab.nft(c.node1, LB_DNAT)
+    return c
+
+
+LB_DNAT = """
+table ip lb {
+  chain prerouting { type nat hook prerouting priority dstnat; ip daddr %s tcp dport 80 dnat to %s:8080; }
+  chain postrouting { type nat hook postrouting priority srcnat; ct status dnat ip daddr %s masquerade; }
+}
+""" % (CIL_LB_VIP, CIL_POD[2], CIL_POD[2])
+
+
+def mac_of(lab: Lab, ns: str, dev: str) -> str:
+    return sh("ip", "netns", "exec", ns, "cat", "/sys/class/net/%s/address" % dev).stdout.strip()
+
+
+def neighbour_mac(lab: Lab, ns: str, addr: str) -> str | None:
+    """The MAC ns's neighbour table holds for addr (None when it has no complete entry)."""
+    out = lab.ip(ns, "-j", "neigh", "show", addr).stdout
+    for entry in json.loads(out or "[]"):
+        if entry.get("lladdr") and "FAILED" not in entry.get("state", []):
+            return entry["lladdr"]
+    return None
+
+
+def dnsmasq(lab: Lab, ns: str, listen: str, records: dict) -> subprocess.Popen:
+    """A real DNS server (dnsmasq) on listen:53 answering records {name: address}, nothing else."""
+    assert shutil.which("dnsmasq"), "dnsmasq is needed for the DNS probe tests (apt-get install dnsmasq-base)"
+    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+            "--bind-interfaces", "--listen-address=" + listen, "--port=53", "--user=root",
+            "--pid-file=%s" % (lab.tmp / ("dnsmasq-%s.pid" % ns)), "--log-facility=-"]
+    argv += ["--address=/%s/%s" % (name, addr) for name, addr in records.items()]
+    proc = lab.spawn(ns, argv)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # bounded: wait until dnsmasq holds udp/53 in ns
+        if proc.poll() is not None:
+            raise RuntimeError("dnsmasq exited rc=%s: %s" % (proc.returncode, proc.stderr.read()))
+        if ":0035 " in sh("ip", "netns", "exec", ns, "cat", "/proc/net/udp").stdout:
+            return proc
+        time.sleep(0.05)
+    raise RuntimeError("dnsmasq in %s did not listen on udp/53 within 10 s" % ns)

@@ -1,5 +1,6 @@
 """netprobe's interface: exit codes, messages, JSON shapes, loopback-only behaviour."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def server(tmp_path_factory):
     (("load", "--to", "127.0.0.1:80", "--connections", "0"), "must be > 0"),
     (("load", "--to", "127.0.0.1", "--connections", "5"), "expected HOST:PORT"),
     (("serve", "--tcp", "80,x"), "port must be"),
+    (("serve", "--tcp", "80", "--http", "80"), "either --tcp or --http"),
+    (("connect", "--to", "127.0.0.1:53/dns", "--dns-type", "MX"), "invalid choice"),
+    (("mtu", "--to", "127.0.0.1:7000", "--retries", "10"), "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     rc, out, err = run(*args)
@@ -150,12 +154,111 @@ def test_serve_reports_counts_when_terminated(server):
     assert proc.returncode == 0 and stats["accepted"] >= 1 and stats["worker_errors"] == []
 
 
+def python_only_path(tmp_path, **tools):
+    """A PATH holding python3 and the given fake tools (name -> shell body), like a slim probe image."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(os.path.realpath(sys.executable))
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+def run_facts(path):
+    res = subprocess.run([os.path.join(path, "python3"), str(NETPROBE), "facts"], capture_output=True, text=True,
+                         timeout=60, env={"PATH": path})
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 def test_facts_shape_on_this_host():
     rc, out, _ = run("facts")
     assert rc == 0
     facts = json.loads(out)
     assert set(facts) >= {"sysctls", "interfaces", "default_route", "conntrack", "ip_fragments",
-                          "kube_proxy_running", "kube_services_rules"}
+                          "kube_proxy_running", "kube_services_rules", "errors"}
     assert "net.netfilter.nf_conntrack_max" in facts["sysctls"]
     assert any(i["name"] == "lo" for i in facts["interfaces"])
-    assert facts["kube_services_rules"]["present"] in (True, False, None)
+
+
+def test_facts_without_iptables_or_nft_cannot_tell_kube_rules(tmp_path):
+    """A slim pod: no iptables-save, no nft. Unknown is None, never False ("no rules")."""
+    facts = run_facts(python_only_path(tmp_path))
+    assert facts["kube_services_rules"] == {"present": None, "sources": {}}
+
+
+@pytest.mark.parametrize("body, present, source", [
+    ("echo '-A PREROUTING -j KUBE-SERVICES'", True, True),
+    ("echo '*nat'; echo COMMIT", False, False),
+])
+def test_facts_reads_iptables_save(tmp_path, body, present, source):
+    facts = run_facts(python_only_path(tmp_path, **{"iptables-save": body}))
+    assert facts["kube_services_rules"] == {"present": present, "sources": {"iptables-save": source}}
+    assert not [e for e in facts["errors"] if e["what"].startswith("kube_services_rules")]
+
+
+def test_facts_failing_iptables_save_is_an_error_not_no_rules(tmp_path):
+    facts = run_facts(python_only_path(tmp_path, **{"iptables-save": "echo 'Permission denied (you must be root)' >&2; exit 4"}))
+    assert facts["kube_services_rules"] == {"present": None, "sources": {"iptables-save": None}}
+    errors = [e for e in facts["errors"] if e["what"] == "kube_services_rules.iptables-save"]
+    assert len(errors) == 1 and "exited 4" in errors[0]["error"] and "Permission denied" in errors[0]["error"]
+
+
+def test_facts_default_route_does_not_need_ip(tmp_path):
+    """The route MTU comes from rtnetlink and IP_MTU, the same with or without `ip` on PATH."""
+    with_ip = run("facts")[1]
+    without = run_facts(python_only_path(tmp_path))["default_route"]
+    assert without == json.loads(with_ip)["default_route"]
+    if without is not None:
+        assert without["source"] == "rtnetlink" and without["effective_mtu"] == without["kernel_mtu"]
+
+
+def start_serve(tmp_path, *args):
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, str(NETPROBE), "serve", "--bind", "127.0.0.1", "--ready-file",
+                             str(ready), "--workers", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 10
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    return proc
+
+
+def stop_serve(proc):
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    return json.loads(out)
+
+
+def test_http_serve_and_connect_on_loopback(tmp_path):
+    http, greeter, closed = free_port(), free_port(), free_port()
+    proc = start_serve(tmp_path, "--http", str(http), "--tcp", str(greeter))
+    try:
+        rc, out, _ = run("connect", "--to", "127.0.0.1:%d/http" % http, "--to", "127.0.0.1:%d/http" % greeter,
+                         "--to", "127.0.0.1:%d/http" % closed, "--timeout", "2")
+    finally:
+        stats = stop_serve(proc)
+    assert rc == 0
+    ok, not_http, refused = json.loads(out)
+    assert (ok["verdict"], ok["peer_host"], ok["http"]["status"]) == ("connected", socket.gethostname(), 200)
+    assert json.loads(ok["http"]["body"])["host"] == socket.gethostname()
+    assert not_http["verdict"] == "error" and "not an HTTP response" in not_http["error"]  # the TCP greeter
+    assert (refused["verdict"], refused["errno"], "http" in refused) == ("refused", "ECONNREFUSED", False)
+    assert stats["http_requests"] == 1 and stats["listening"]["http"] == [http]
+
+
+def test_mtu_with_nothing_listening_on_tcp_reports_refused_not_black_hole(tmp_path):
+    """Defect 12: UDP echoes, TCP port closed: the bulk connection is refused, and mtu says so."""
+    port = free_port()
+    proc = start_serve(tmp_path, "--udp", str(port))
+    try:
+        rc, out, _ = run("mtu", "--to", "127.0.0.1:%d" % port, "--max", "1500", "--bulk-mib", "1")
+    finally:
+        stop_serve(proc)
+    assert rc == 0
+    result = json.loads(out)
+    assert (result["path_mtu"], result["verdict"]) == (1500, "refused")
+    assert result["tcp_bulk"]["verdict"] == "refused" and result["tcp_bulk"]["stage"] == "connect"
+    assert result["tcp_bulk"]["errno"] == "ECONNREFUSED"
