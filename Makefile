@@ -72,10 +72,14 @@ bundle: venv
 	$(VENV)/bin/lab bundle build --from $(or $(FROM),source)
 
 # Against the lab's kubeconfig (.lab/<name>/kubeconfig) by default; KUBECONFIG or --kubeconfig for any cluster.
+# Two stages: every check but the disruptive ones in parallel, then the disruptive ones (NoExecute taints evict other
+# checks' pods) alone and serially, adding to the same report. The second stage runs even if the first failed.
 conformance: venv
 	@mkdir -p results
-	$(PY) -m pytest conformance --lab $(LAB) -n 4 --dist loadgroup -o timeout=1800 \
-	  --junitxml results/junit.xml $(PYTEST_ARGS)
+	rc=0; $(PY) -m pytest conformance --lab $(LAB) -m 'not disruptive' -n 4 --dist loadgroup -o timeout=1800 \
+	  --junitxml results/junit.xml $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest conformance --lab $(LAB) -m disruptive --append-report -o timeout=1800 \
+	  --junitxml results/junit-disruptive.xml $(PYTEST_ARGS) || rc=$$((rc ? rc : $$?)); exit $$rc
 
 # Everything our tests need, then every test: unit, libvirt test driver, real kernel netns, real VMs (TCG).
 test: sysdeps-test venv image

@@ -16,10 +16,12 @@ import pytest
 
 from conformance import kube as k8s
 from conformance import report
+from conformance.judge import DEFAULT_CONNTRACK_PEAK, DEFAULT_CONSECUTIVE, NotMeasured
 from lab.sysctl import parse_values, read_command
 from lab.wait import wait_for
 
 PREFLIGHT_EXIT = k8s.PreflightError.exit_code
+DEFAULT_FAILOVER_SECONDS = 30.0
 
 
 @dataclass
@@ -37,6 +39,10 @@ class Settings:
     policy_seconds: float
     runner_ip: str | None
     results_dir: Path
+    policy_consecutive: int = DEFAULT_CONSECUTIVE
+    conntrack_peak: int = DEFAULT_CONNTRACK_PEAK
+    failover_seconds: float = DEFAULT_FAILOVER_SECONDS
+    append_report: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -45,7 +51,8 @@ def pytest_addoption(parser):
     g.addoption("--kubeconfig", help="kubeconfig of the cluster (default: the lab's .lab/<name>/kubeconfig, "
                                      "then $KUBECONFIG, then ~/.kube/config)")
     g.addoption("--lab", help="lab spec (e.g. labs/default.yaml): expected tuning, pool, MTU, overlay, runner IP")
-    g.addoption("--probe-image", default=k8s.PROBE_IMAGE, help=f"image with python3 (default {k8s.PROBE_IMAGE})")
+    g.addoption("--probe-image", help="image with python3 for probe pods (default: $KVMLAB_PROBE_IMAGE, else "
+                                      f"{k8s.PROBE_IMAGE})")
     g.addoption("--expect-sysctl", action="append", default=[], metavar="NAME=VALUE",
                 help="expected node sysctl (repeatable; overrides the lab's / the production set)")
     g.addoption("--expect-mtu", type=int, help="expected underlay (node) MTU, without --lab (default: measured)")
@@ -58,6 +65,15 @@ def pytest_addoption(parser):
     g.addoption("--conntrack-hold", type=float, default=10.0, help="seconds to hold them (default 10)")
     g.addoption("--wait-timeout", type=float, default=300.0, help="deadline for workloads to be ready (s)")
     g.addoption("--policy-timeout", type=float, default=60.0, help="deadline for policy tables to converge (s)")
+    g.addoption("--policy-consecutive", type=int, default=DEFAULT_CONSECUTIVE,
+                help=f"full table matches in a row a policy check needs (default {DEFAULT_CONSECUTIVE})")
+    g.addoption("--conntrack-peak", type=int, default=DEFAULT_CONNTRACK_PEAK,
+                help=f"declared peak of tracked flows per node the conntrack table must hold with 20%% headroom "
+                     f"(default {DEFAULT_CONNTRACK_PEAK})")
+    g.addoption("--failover-seconds", type=float, default=DEFAULT_FAILOVER_SECONDS,
+                help=f"bound on LoadBalancer failover (default {DEFAULT_FAILOVER_SECONDS:.0f}s)")
+    g.addoption("--append-report", action="store_true",
+                help="add this run's checks to results/conformance-latest.json (the serial disruptive stage)")
     g.addoption("--results-dir", default="results", help="where the JSON report goes (default results/)")
     g.addoption("--cleanup-only", action="store_true", help="delete every namespace labelled "
                                                             f"{k8s.OWNER_LABEL}=true, then exit")
@@ -93,14 +109,16 @@ def _settings(config) -> Settings:
             raise pytest.UsageError(f"--expect-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=32768")
         sysctls[name.strip()] = value.strip()
     return Settings(
-        kubeconfig=kubeconfig, lab=lab, probe_image=opt("--probe-image"), expect_sysctls=sysctls,
+        kubeconfig=kubeconfig, lab=lab, probe_image=k8s.probe_image(opt("--probe-image")), expect_sysctls=sysctls,
         underlay_mtu=opt("--expect-mtu") or (lab.network.mtu if lab else None),
         tunnel=opt("--tunnel") or (lab.cilium.tunnel_protocol if lab else "vxlan"),
         lb_pool=list(opt("--lb-pool")) or (list(lab.metallb.addresses) if lab else []),
         conntrack_connections=opt("--conntrack-connections"), conntrack_hold=opt("--conntrack-hold"),
         wait_seconds=opt("--wait-timeout"), policy_seconds=opt("--policy-timeout"),
-        runner_ip=opt("--runner-ip") or (str(lab.gateway) if lab else None),
-        results_dir=Path(opt("--results-dir")))
+        runner_ip=opt("--runner-ip"),  # else derived from the route to the nodes (fixture runner_ip)
+        results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
+        conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
+        append_report=opt("--append-report"))
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -113,7 +131,10 @@ def pytest_configure(config):
     config.stash[RESULTS] = []
     config.stash[STARTED] = time.time()
     _CONFIG["config"] = config
-    config.addinivalue_line("markers", "disruptive: changes cluster state other checks may see (node taints)")
+    config.addinivalue_line("markers", "disruptive: changes cluster state other checks may see (node taints); "
+                                       "runs in its own serial stage after all others")
+    config.addinivalue_line("markers", "datapath(kind): 'load' runs alone; 'observe' (MTU, latency, policy tables) "
+                                       "never runs while load is held")
 
 
 def _is_worker(config) -> bool:
@@ -131,8 +152,10 @@ def pytest_sessionstart(session):
         kube = k8s.connect(settings.kubeconfig)
         if config.getoption("--cleanup-only"):
             names = k8s.sweep(kube)
+            taints = k8s.remove_suite_taints(kube)
             sys.stdout.write(f"\ncleanup-only: deleted {len(names)} namespace(s) labelled "
-                             f"{k8s.OWNER_LABEL}=true{': ' + ', '.join(names) if names else ''}\n")
+                             f"{k8s.OWNER_LABEL}=true{': ' + ', '.join(names) if names else ''}; removed "
+                             f"{len(taints)} taint(s) left by disruptive checks{': ' + ', '.join(taints) if taints else ''}\n")
             pytest.exit("cleanup done", returncode=0)
         where = k8s.preflight(kube)
     except k8s.PreflightError as exc:
@@ -152,9 +175,11 @@ def pytest_sessionfinish(session, exitstatus):
     results = config.stash[RESULTS]
     if not results:
         return
-    doc = report.build(results, started=config.stash[STARTED], settings=config.stash[SETTINGS],
-                       exitstatus=int(exitstatus))
-    path = report.write(doc, config.stash[SETTINGS].results_dir)
+    settings = config.stash[SETTINGS]
+    doc = report.build(results, started=config.stash[STARTED], settings=settings, exitstatus=int(exitstatus))
+    if settings.append_report:  # the serial disruptive stage adds its checks to the first stage's report
+        doc = report.append(settings.results_dir, doc)
+    path = report.write(doc, settings.results_dir)
     config._conformance_report = (doc, path)
 
 
@@ -178,19 +203,50 @@ def pytest_runtest_logreport(report):
         config.stash[RESULTS].append(report_entry(report))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A check that could not measure (NotMeasured, ProbeFailed) is an ERROR with its message, never a verdict."""
+    outcome = yield
+    rep = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance((NotMeasured, k8s.ProbeFailed)):
+        rep.user_properties.append(("not_measured", True))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Disruptive checks (node taints) evict other checks' pods: they run in their own serial stage, last.
+
+    Serial run: they are moved after every other check. Under xdist, where ordering across workers is not
+    guaranteed, a disruptive check collected alongside others is SKIPPED with the reason (a skip is never a pass):
+    `make conformance` runs `-m "not disruptive"` in parallel, then `-m disruptive --append-report` serially."""
+    disruptive = [i for i in items if i.get_closest_marker("disruptive")]
+    others = [i for i in items if not i.get_closest_marker("disruptive")]
+    if not disruptive or not others:
+        return
+    if _is_worker(config) or getattr(config.option, "numprocesses", None):
+        for item in disruptive:
+            item.add_marker(pytest.mark.skip(reason=DISRUPTIVE_SKIP))
+    items[:] = others + disruptive
+
+
+DISRUPTIVE_SKIP = ("disruptive (NoExecute taint): runs only in its own serial stage, never alongside other checks "
+                   "under xdist; run `-m disruptive --append-report` without -n (make conformance does)")
+
+
 def report_entry(rep) -> dict:
     props = dict(rep.user_properties)
     measured = {k[len("measured:"):]: v for k, v in props.items() if k.startswith("measured:")}
+    details = {k: measured.pop(k) for k in [k for k, v in measured.items() if isinstance(v, (dict, list))]
+               if k in ("policy",)}
     message = ""
     if rep.outcome != "passed" and rep.longrepr is not None:
         crash = getattr(rep.longrepr, "reprcrash", None)
         message = crash.message if crash is not None else str(rep.longrepr)
     verdict = {"passed": "pass", "failed": "fail", "skipped": "skip"}[rep.outcome]
-    if rep.when != "call" and rep.outcome == "failed":
+    if rep.outcome == "failed" and (rep.when != "call" or props.get("not_measured")):
         verdict = "error"
     return {"id": rep.nodeid, "check": rep.nodeid.split("::")[-1], "verdict": verdict, "phase": rep.when,
             "seconds": round(rep.duration, 3), "measured": measured, "warnings": props.get("warnings", []),
-            "message": message[:2000]}
+            "message": message[:2000], **({"details": details} if details else {})}
 
 
 _CONFIG: dict = {}
@@ -261,9 +317,9 @@ class NodeFacts:
         return {node: self.session.netprobe(self.namespace, pod, ["facts"], timeout)
                 for node, pod in sorted(self.pods.items())}
 
-    def host(self, node: str, script: str, timeout: float = 60.0) -> k8s.ExecResult:
+    def host(self, node: str, script: str, timeout: float = 60.0, shell: str = "sh") -> k8s.ExecResult:
         """Run a shell script in the node's root filesystem (chroot /host): the node's own tools."""
-        return self.session.exec(self.namespace, self.pods[node], ["chroot", "/host", "sh", "-c", script], timeout)
+        return self.session.exec(self.namespace, self.pods[node], ["chroot", "/host", shell, "-c", script], timeout)
 
     def sysctl(self, node: str, names: list[str], timeout: float = 60.0) -> dict[str, str | None]:
         """Read sysctls from /proc/sys inside the node's network namespace (the pod is hostNetwork)."""
@@ -331,8 +387,74 @@ def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout:
     return running
 
 
+def source_ip_towards(ip: str) -> str:
+    """This host's address on the route to ``ip``: a connected UDP socket's name (connect sends no packet).
+    Right in bridge mode too, where the lab's gateway address is not this host's."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((ip, 9))
+        return sock.getsockname()[0]
+
+
+def check_runner_reachable(session, ip: str, node: str) -> None:
+    """Preflight: a probe pod must reach a netprobe serve on the runner, or every check with an outside target
+    would fail cell by cell. Raises ConformanceError naming the likely cause (this host's INPUT firewall)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        port = s.getsockname()[1]
+    runner = serve_on_runner(ip, {"preflight": port}, udp=False)
+    try:
+        ns = session.namespace("runner")
+        session.probe_pod(ns, "reach", {"app": "reach"}, node=node)
+        session.wait_pods_ready(ns, "app=reach", 1, "to probe the runner")
+        [row] = session.netprobe(ns, "reach", ["connect", "--timeout", "3", "--to", f"{ip}:{port}/tcp"])
+    finally:
+        runner.stop()
+    if row.get("verdict") != "connected":
+        raise k8s.ConformanceError(
+            f"preflight: a pod on {node} cannot reach the runner at {ip}:{port} ({row.get('verdict')}"
+            f"{': ' + row['error'] if row.get('error') else ''}); every check with a target on the runner would fail",
+            "this host's firewall drops pod -> runner traffic (INPUT chain, e.g. `iptables -I INPUT -s <pod CIDR> "
+            "-j ACCEPT`), or --runner-ip is not the address pods reach this host at")
+
+
 @pytest.fixture(scope="session")
-def runner_ip(settings) -> str:
-    if not settings.runner_ip:
-        pytest.skip("needs the runner's address as seen from pods: pass --lab SPEC or --runner-ip ADDR")
-    return settings.runner_ip
+def runner_ip(settings, kube, session) -> str:
+    """This host as pods see it: --runner-ip, else the source address of the route to the first node; proven
+    reachable from a pod before any check uses it."""
+    nodes = k8s.node_addresses(kube)
+    ip = settings.runner_ip or source_ip_towards(nodes[sorted(nodes)[0]])
+    try:
+        check_runner_reachable(session, ip, sorted(nodes)[0])
+    except k8s.ConformanceError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return ip
+
+
+# ---------------------------------------------------------------------------------------------- datapath lock
+
+
+def datapath_lock_path(config) -> Path:
+    """One lock file per run, shared by every xdist worker (they share the controller's testrunuid)."""
+    import tempfile
+    uid = (getattr(config, "workerinput", None) or {}).get("testrunuid") or f"pid{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"kvmlab-conformance-{uid}.datapath.lock"
+
+
+@pytest.fixture(autouse=True)
+def _datapath_lock(request):
+    """Load never overlaps MTU, latency or policy observation on the nodes: `datapath("load")` takes the lock
+    exclusively, `datapath("observe")` shared (observers run together, never with load), across xdist workers."""
+    marker = request.node.get_closest_marker("datapath")
+    if marker is None:
+        yield
+        return
+    import fcntl
+    kind = marker.args[0]
+    with open(datapath_lock_path(request.config), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if kind == "load" else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

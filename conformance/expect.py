@@ -165,13 +165,18 @@ def observed_table(sources: list[str], targets: list[Target], results: Mapping[s
     """Build the observed table from netprobe ``connect`` outputs.
 
     ``results[source]`` is the JSON list one source printed; ``address_of[target]`` is the ``HOST:PORT``
-    that source was told to probe for that target (netprobe echoes it back in ``to``).
+    that source was told to probe for that target (netprobe echoes it back in ``to``), or ``HOST:PORT/PROTO``
+    when the probe protocol is not the target's transport (``/dns``, ``/dns-tcp``, ``/http``).
     """
     table = TruthTable(sources, targets)
     for source in sources:
-        by_to = {(_address(r.get("to")), str(r.get("proto", "")).upper()): r for r in results.get(source, [])}
+        rows = results.get(source, [])
+        by_to = {(_address(r.get("to")), str(r.get("proto", "")).upper()): r for r in rows}
+        exact = {str(r.get("to")): r for r in rows}
         for target in targets:
-            row = by_to.get((address_of[target], target.proto.upper()))
+            where = address_of[target]
+            # "HOST:PORT/dns": the probe protocol differs from the target's transport; match netprobe's `to` exactly
+            row = exact.get(where) if "/" in where else by_to.get((where, target.proto.upper()))
             if row is not None:
                 table.set(source, target, Verdict.parse(row["verdict"]))
     return table

@@ -12,13 +12,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from conformance.expect import TRANSPORT_FAILURES, TruthTable, mismatches, render_diff
+from conformance.expect import (TRANSPORT_FAILURES, Expect, TruthTable, Verdict, cell_id, mismatches,
+                               render_diff)
 from lab.sysctl import normalize
 from lab.table import render_table
 
 CONNTRACK_COUNTERS = ("drop", "early_drop", "insert_failed")
 FRAGMENT_COUNTERS = ("FragCreates", "FragFails", "ReasmReqds", "ReasmFails")
 MTU_WASTE_WARN = 100
+
+
+class NotMeasured(Exception):
+    """A probe could not measure: a transport error carrying its message, never a verdict (the check errors)."""
+
+
+class CounterMissing(NotMeasured):
+    """A counter could not be read on a node: never counted as "no rise"."""
 
 
 class MtuFinding(str, enum.Enum):
@@ -128,34 +137,58 @@ def judge_path_mtu(result: dict, pod_mtu: int, ipv6: bool = False) -> list[str]:
     return problems
 
 
-def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where: Callable[[dict], dict]) -> dict:
-    """node -> {counter: increase} for counters that rose between two facts snapshots."""
-    out = {}
+def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where: Callable[[dict], dict | None],
+                   what: str = "counters") -> dict:
+    """node -> {counter: increase} for counters that rose between two facts snapshots.
+
+    A node whose snapshot lacks the counters (netprobe could not read them) raises :class:`CounterMissing` with
+    the node and netprobe's own error entries: a missing counter never counts as "no rise"."""
+    out, missing = {}, []
     for node in sorted(after):
-        a, b = where(before.get(node) or {}) or {}, where(after[node]) or {}
-        rose = {n: b[n] - a.get(n, 0) for n in names if n in b and b[n] - a.get(n, 0) > 0}
+        for label, doc in (("before", before.get(node)), ("after", after[node])):
+            found = where(doc) if doc is not None else None
+            absent = [n for n in names if not isinstance((found or {}).get(n), int)]
+            if absent:
+                errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
+                missing.append(f"{node} ({label}): {', '.join(absent)} unreadable" + (f" ({errors})" if errors else ""))
+        if missing:
+            continue
+        a, b = where(before[node]), where(after[node])
+        rose = {n: b[n] - a[n] for n in names if b[n] - a[n] > 0}
         if rose:
             out[node] = rose
+    if missing:
+        raise CounterMissing(f"could not read the {what}: " + "; ".join(missing))
     return out
 
 
 def fragment_deltas(before, after) -> dict:
-    return counter_deltas(before, after, FRAGMENT_COUNTERS, lambda f: f.get("ip_fragments"))
+    return counter_deltas(before, after, FRAGMENT_COUNTERS, lambda f: f.get("ip_fragments"), "fragment counters")
 
 
 def conntrack_deltas(before, after) -> dict:
-    return counter_deltas(before, after, CONNTRACK_COUNTERS, lambda f: (f.get("conntrack") or {}).get("stat"))
+    return counter_deltas(before, after, CONNTRACK_COUNTERS, lambda f: (f.get("conntrack") or {}).get("stat"),
+                          "nf_conntrack counters")
 
 
 # ---------------------------------------------------------------------------------------------- load
 
 
 def judge_load(results: list[dict]) -> tuple[dict, list[str]]:
-    """Sum `netprobe load` outputs of several clients: totals and the problems (any failure or reset)."""
+    """Sum `netprobe load` outputs of several clients: totals and the problems (any failure, reset, or a held
+    connection not proven end to end). ``verified`` is netprobe's count of held connections on which a byte
+    went out and came back at the end of the hold; a client output without it cannot prove anything and raises
+    :class:`NotMeasured` (the check errors, it does not pass on socket state alone)."""
     keys = ("requested", "established", "failed", "resets", "timeouts", "held")
     total = {k: sum(int(r.get(k) or 0) for r in results) for k in keys}
     total["open_rate_per_s"] = round(sum(float(r.get("open_rate_per_s") or 0) for r in results), 1)
     total["connect_ms_p99"] = max((float(r.get("connect_ms_p99") or 0) for r in results), default=0.0)
+    unverified = [r.get("to", "?") for r in results if not isinstance(r.get("verified"), int)]
+    if unverified:
+        raise NotMeasured("netprobe load reported no `verified` count (a byte sent and answered on every held "
+                          "connection at the end of the hold), so no held connection is proven end to end; "
+                          f"clients towards {sorted(set(map(str, unverified)))}")
+    total["verified"] = sum(int(r["verified"]) for r in results)
     problems = []
     if total["established"] != total["requested"]:
         problems.append(f"{total['established']} of {total['requested']} connections established")
@@ -163,13 +196,76 @@ def judge_load(results: list[dict]) -> tuple[dict, list[str]]:
         problems.append(f"{total['failed']} connections failed ({total['timeouts']} timeouts)")
     if total["resets"]:
         problems.append(f"{total['resets']} connections reset while held")
-    if total.get("held", total["established"]) < total["established"]:
+    if total["held"] < total["established"]:
         problems.append(f"only {total['held']} of {total['established']} connections stayed open for the hold")
+    if total["verified"] < total["established"]:
+        problems.append(f"only {total['verified']} of {total['established']} held connections carried a byte "
+                        "end to end at the end of the hold (the datapath forgot or broke the rest)")
     return total, problems
 
 
+#: The declared peak of concurrent tracked flows a node must hold (``--conntrack-peak``): production sizes
+#: the table at 1,000,000 for a peak of 200,000, i.e. 80 % headroom at peak. The check fails below 20 %.
+DEFAULT_CONNTRACK_PEAK = 200000
+CT_HEADROOM_MIN = 0.2
+
+
+@dataclass
+class CtReading:
+    """One node's connection-tracking table as the datapath uses it: Cilium's BPF CT map or nf_conntrack."""
+
+    table: str        # "bpf-ct" | "nf_conntrack"
+    entries: int
+    max_entries: int
+
+
+def judge_ct_rise(before: dict[str, CtReading], during: dict[str, CtReading], load: int) -> str | None:
+    """The table must have grown by at least the load while it was held: proof the measurement sees our flows."""
+    missing = sorted(set(before) ^ set(during))
+    if missing:
+        raise NotMeasured(f"conntrack table read on some nodes only (missing before or during the load: {missing})")
+    rise = sum(during[n].entries - before[n].entries for n in during)
+    if rise < load:
+        tables = sorted({r.table for r in during.values()})
+        return (f"the conntrack table ({'/'.join(tables)}) grew by {rise} entries while {load} connections were "
+                f"held: the measurement does not see these flows (wrong table for this datapath?)")
+    return None
+
+
+def judge_ct_capacity(before: dict[str, CtReading], peak: int, minimum: float = CT_HEADROOM_MIN) -> tuple[dict, list]:
+    """Headroom per node at the declared peak: 1 - (entries now + peak) / max. Never a fraction of the table."""
+    headroom, problems = {}, []
+    for node, r in sorted(before.items()):
+        if r.max_entries <= 0:
+            raise NotMeasured(f"{node}: {r.table} reports max {r.max_entries} entries")
+        headroom[node] = round(1 - (r.entries + peak) / r.max_entries, 3)
+        if headroom[node] < minimum:
+            problems.append(f"{node}: {r.table} holds {r.max_entries} entries; with {r.entries} in use and the "
+                            f"declared peak of {peak} the headroom is {headroom[node]:.0%} (< {minimum:.0%}): "
+                            "raise the table size or --conntrack-peak is wrong")
+    return headroom, problems
+
+
+def parse_bpf_ct(node: str, rc: int | None, stdout: str, stderr: str) -> CtReading:
+    """Output of CT_READ_SCRIPT in the Cilium agent: 'ENTRIES MAX'; any failure is NotMeasured with its message."""
+    m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s*", stdout or "")
+    if rc != 0 or not m:
+        raise NotMeasured(f"{node}: reading Cilium's BPF conntrack map failed (exit {rc}): "
+                          f"{(stderr or stdout or '').strip()[:300] or 'no output'}")
+    return CtReading("bpf-ct", int(m.group(1)), int(m.group(2)))
+
+
+def nf_conntrack_reading(node: str, facts: dict) -> CtReading:
+    ct = facts.get("conntrack") or {}
+    if not isinstance(ct.get("count"), int) or not isinstance(ct.get("max"), int):
+        errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in facts.get("errors") or [])
+        raise NotMeasured(f"{node}: nf_conntrack count/max unreadable ({errors or 'absent from facts'})")
+    return CtReading("nf_conntrack", ct["count"], ct["max"])
+
+
 def default_connections(expected_conntrack_max: int | None, clients: int, cap: int = 20000) -> int:
-    """Sized to the lab: a quarter of nf_conntrack_max (never near exhaustion), at most ``cap``, per path."""
+    """Load per path: a quarter of nf_conntrack_max (never near exhaustion), at most ``cap``. The load proves the
+    datapath carries and tracks held flows; capacity is judged against the declared peak, not against this."""
     base = (expected_conntrack_max or 262144) // 4
     return max(clients, min(cap, base))
 
@@ -217,34 +313,80 @@ class Convergence:
     transport_failures: int
     last: TruthTable | None
     text: str
+    streak: int = 0                                          # consecutive full matches at the end
+    mismatched: list[dict] = field(default_factory=list)     # every observation that did not match, for the report
+    leaks: dict[str, list[int]] = field(default_factory=dict)  # cell id -> polls where a BLOCKED cell connected
+
+    def record(self) -> dict:
+        """What the JSON report keeps: poll count, streak, every mismatching observation, every leak."""
+        return {"matched": self.matched, "polls": self.polls, "streak": self.streak,
+                "transport_failures": self.transport_failures, "mismatched_observations": self.mismatched,
+                "leaks": self.leaks}
+
+
+DEFAULT_CONSECUTIVE = 3
+
+
+def leaked_cells(expected: TruthTable, observed: TruthTable) -> list[str]:
+    """Cells expected BLOCKED that were observed CONNECTED: a denial that let a flow through."""
+    return [cell_id(s, t) for (s, t), exp in expected.cells.items()
+            if exp is Expect.BLOCKED and observed.get(s, t) is Verdict.CONNECTED]
 
 
 def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds: float, interval: float = 2.0,
-               transport_errors: tuple = (Exception,), clock=time.monotonic, sleep=time.sleep) -> Convergence:
-    """Observe the WHOLE table until every cell meets the expectation or ``seconds`` pass (enforcement lag).
+               transport_errors: tuple = (Exception,), clock=time.monotonic, sleep=time.sleep,
+               consecutive: int = DEFAULT_CONSECUTIVE, enforced: bool = True) -> Convergence:
+    """Observe the WHOLE table until ``consecutive`` observations in a row match, or ``seconds`` pass.
 
-    A cell never passes on its own: only a complete observation that matches ends the poll. An observation that
-    fails as a transport (exec error, ERROR verdicts) is retried and counted; it never counts as a verdict.
+    A cell never passes on its own: only complete observations that match count, and any observation that does
+    not (or a transport failure: exec error, ERROR verdicts) resets the streak. Every mismatching observation is
+    recorded. A BLOCKED cell observed CONNECTED is a leak and ends the poll as a failure at once -- never retried
+    into a pass -- when ``enforced`` (the enforcement barrier passed before the first poll); without a barrier
+    (``enforced=False``) leaks before the first full match are enforcement lag (recorded), later ones fail.
     """
     start = clock()
-    polls = failures = 0
-    last = None
+    result = Convergence(False, 0.0, 0, 0, None, "")
+    seen_match = False
     while True:
-        polls += 1
+        result.polls += 1
         try:
             table = observe()
-        except transport_errors:
-            failures += 1
+        except transport_errors as exc:
+            result.transport_failures += 1
+            result.streak = 0
+            result.mismatched.append({"poll": result.polls, "transport_error": str(exc)[:300]})
             table = None
         if table is not None:
+            result.last = table
+            bad = mismatches(expected, table)
             if any(v in TRANSPORT_FAILURES for v in table.cells.values()):
-                failures += 1
-            last = table
-            if not mismatches(expected, table):
-                return Convergence(True, clock() - start, polls, failures, table, render_diff(expected, table))
+                result.transport_failures += 1
+            if bad:
+                result.streak = 0
+                result.mismatched.append({"poll": result.polls, "at_s": round(clock() - start, 3), "cells": {
+                    cell_id(s, t): (table.get(s, t).value if table.get(s, t) is not None else None) for s, t in bad}})
+                leaks = leaked_cells(expected, table)
+                for cid in leaks:
+                    result.leaks.setdefault(cid, []).append(result.polls)
+                if leaks and (enforced or seen_match):
+                    result.seconds = clock() - start
+                    result.text = (f"{len(leaks)} blocked cell(s) connected at poll {result.polls} "
+                                   f"({'after the enforcement barrier' if enforced else 'after the table had matched'}"
+                                   f"; a leak is never retried into a pass): {', '.join(leaks)}\n"
+                                   + render_diff(expected, table))
+                    return result
+            else:
+                seen_match = True
+                result.streak += 1
+                if result.streak >= consecutive:
+                    result.matched, result.seconds = True, clock() - start
+                    result.text = render_diff(expected, table)
+                    return result
         if clock() - start >= seconds:
-            text = (render_diff(expected, last) if last is not None else "no complete observation")
-            return Convergence(False, clock() - start, polls, failures, last,
-                               f"tables still differ after {seconds:.0f}s and {polls} polls "
-                               f"({failures} transport failures retried):\n{text}")
+            result.seconds = clock() - start
+            text = render_diff(expected, result.last) if result.last is not None else "no complete observation"
+            result.text = (f"tables did not match {consecutive} times in a row within {seconds:.0f}s "
+                           f"({result.polls} polls, best streak at the end {result.streak}, "
+                           f"{result.transport_failures} transport failures):\n{text}")
+            return result
         sleep(interval)

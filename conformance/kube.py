@@ -26,7 +26,18 @@ log = logging.getLogger("conformance")
 
 OWNER_LABEL = "kvmlab.io/conformance"
 RUN_LABEL = "kvmlab.io/conformance-run"
-PROBE_IMAGE = "python:3.12-slim"
+#: The one default probe image: python:3.12-slim pinned by its index digest (a tag can move under a run).
+#: The lab overrides it with $KVMLAB_PROBE_IMAGE (e.g. the offline bundle's kvmlab.dev/netprobe:1) or
+#: --probe-image; see probe_image().
+PROBE_IMAGE = "python:3.12-slim@sha256:78387bc3881b8273120a12ebe6c1ab22b018ccc2c9adf565ae1ac9b536e184ea"
+PROBE_IMAGE_ENV = "KVMLAB_PROBE_IMAGE"
+#: What a `restricted` PodSecurity namespace accepts; probe pods need no privilege (ports > 1024, no raw sockets).
+RESTRICTED_SECURITY = {"runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534,
+                       "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                       "seccompProfile": {"type": "RuntimeDefault"}}
+PSA_LABEL = "pod-security.kubernetes.io/enforce"
+#: Taints the suite's disruptive checks put on nodes; `--cleanup-only` removes any a killed run left behind.
+SUITE_TAINTS = ("kvmlab.io/conformance-failover",)
 NETPROBE_DIR = "/netprobe"
 NETPROBE = f"{NETPROBE_DIR}/netprobe.py"
 NETPROBE_SOURCE = Path(__file__).parent / "probes" / "netprobe.py"
@@ -61,6 +72,12 @@ WAIT_HINT = "raise --wait-timeout if the cluster is slow; `kubectl get events -A
 
 class ProbeFailed(ConformanceError):
     """The probe could not run (exec failed, no JSON): a transport failure, never a network verdict."""
+
+
+def probe_image(option: str | None) -> str:
+    """--probe-image, else $KVMLAB_PROBE_IMAGE, else the pinned default: one place decides."""
+    import os
+    return option or os.environ.get(PROBE_IMAGE_ENV) or PROBE_IMAGE
 
 
 # ---------------------------------------------------------------------------------------------- connect
@@ -249,7 +266,8 @@ class Session:
                     entry["name"] = name
         container = {"name": "probe", "image": self.probe_image, "command": command, "ports": ports,
                      "volumeMounts": [{"name": "netprobe", "mountPath": NETPROBE_DIR}],
-                     "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}}
+                     "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+                     "securityContext": dict(RESTRICTED_SECURITY)}
         spec = {"containers": [container], "terminationGracePeriodSeconds": 1, "enableServiceLinks": False,
                 "volumes": [{"name": "netprobe", "configMap": {"name": "netprobe"}}]}
         if node:  # pinned: may land on a control plane too
@@ -258,7 +276,7 @@ class Session:
         if host_network:
             spec.update(hostNetwork=True, hostPID=True, dnsPolicy="ClusterFirstWithHostNet",
                         tolerations=[{"operator": "Exists"}])
-            container["securityContext"] = {"privileged": True}
+            container["securityContext"] = {"privileged": True}  # its namespace is labelled privileged
             container["volumeMounts"].append({"name": "host", "mountPath": "/host", "readOnly": True})
             spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
         return spec
@@ -267,7 +285,21 @@ class Session:
         body = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "labels": {OWNER_LABEL: "true", **labels}},
                 "spec": self.probe_pod_spec(**kw)}
-        self.kube.core.create_namespaced_pod(namespace, body)
+        self.create_pod(namespace, body)
+
+    def create_pod(self, namespace: str, body: dict) -> None:
+        """Create a pod; a PodSecurity rejection is a clear error naming the namespace label."""
+        try:
+            self.kube.core.create_namespaced_pod(namespace, body)
+        except ApiException as exc:
+            if exc.status == 403 and "PodSecurity" in (exc.body or ""):
+                raise ConformanceError(f"namespace {namespace} rejected pod {body['metadata']['name']} "
+                                       f"(PodSecurity): {_api_message(exc)}",
+                                       f"the namespace's {PSA_LABEL} label (or the cluster's PodSecurity default) "
+                                       "is stricter than the probe needs; probe pods are `restricted`-compliant "
+                                       "(non-root uid 65534, drop ALL, seccomp RuntimeDefault) and only the "
+                                       f"facts DaemonSet needs {PSA_LABEL}=privileged") from None
+            raise
 
     def facts_daemonset(self, namespace: str) -> None:
         labels = {OWNER_LABEL: "true", "app": "netprobe-facts"}
@@ -340,6 +372,13 @@ class Session:
             raise ProbeFailed(f"netprobe {args[0]} in {where} printed no JSON: {res.stdout[:200]!r}") from None
 
 
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body).get("message", "")[:300]
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
+
+
 def _pod_ready(pod) -> bool:
     st = pod.status
     if not st or st.phase != "Running":
@@ -364,6 +403,20 @@ def sweep(kube: Kube) -> list[str]:
             if exc.status != 404:
                 raise
     return names
+
+
+def remove_suite_taints(kube: Kube) -> list[str]:
+    """Remove the taints a killed disruptive check left on nodes (SUITE_TAINTS). Returns 'node:taint' strings."""
+    removed = []
+    for node in kube.core.list_node().items:
+        taints = (node.spec.taints or []) if node.spec else []
+        ours = [t for t in taints if t.key in SUITE_TAINTS]
+        if ours:
+            keep = [{k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v is not None}
+                    for t in taints if t.key not in SUITE_TAINTS]
+            kube.core.patch_node(node.metadata.name, {"spec": {"taints": keep}})
+            removed += [f"{node.metadata.name}:{t.key}:{t.effect}" for t in ours]
+    return removed
 
 
 def node_addresses(kube: Kube) -> dict[str, str]:

@@ -22,15 +22,21 @@ from lab.table import render_table
 
 FORMAT = "kvmlab-conformance/1"
 
-#: measured value -> (better direction, relative tolerance, absolute tolerance). Unknown metrics are shown, not judged.
+#: measured value -> (better direction, relative tolerance, absolute tolerance[, resolution metric]).
+#: These are FLOORS: with earlier runs (``--history``) each tolerance grows to SPREAD_FACTOR x the metric's
+#: run-to-run spread (max - min over A and the history), so noise is not reported as a regression. A resolution
+#: metric is the measurement's step (policy convergence is measured in polls: one poll is never a regression).
+#: Unknown metrics are shown, not judged.
 METRICS = {
     "failover_seconds": ("lower", 0.5, 2.0),
     "lb_ip_seconds": ("lower", 0.5, 5.0),
-    "policy_converge_seconds": ("lower", 0.5, 5.0),
+    "policy_converge_seconds": ("lower", 0.5, 5.0, "policy_poll_seconds"),
+    "policy_polls": ("lower", 0.0, 1.0),
     "path_mtu": ("higher", 0.0, 0.0),
     "largest_udp_payload": ("higher", 0.0, 0.0),
     "tcp_bulk_mib_per_s": ("higher", 0.3, 0.0),
     "connections_held": ("higher", 0.0, 0.0),
+    "connections_verified": ("higher", 0.0, 0.0),
     "connections_failed": ("lower", 0.0, 0.0),
     "connection_resets": ("lower", 0.0, 0.0),
     "open_rate_per_s": ("higher", 0.3, 0.0),
@@ -38,8 +44,9 @@ METRICS = {
     "conntrack_drops": ("lower", 0.0, 0.0),
     "fragments_created": ("lower", 0.0, 0.0),
     "sysctl_mismatches": ("lower", 0.0, 0.0),
-    "bpf_ct_headroom": ("higher", 0.2, 0.0),
+    "ct_headroom_at_peak": ("higher", 0.0, 0.02),
 }
+SPREAD_FACTOR = 2.0
 
 
 def build(results: list[dict], started: float, settings=None, exitstatus: int = 0) -> dict:
@@ -111,19 +118,41 @@ class Regression:
         return f"{self.check}: {self.what}"
 
 
-def _worse(name: str, a, b) -> bool:
+def spread(docs: list[dict]) -> dict[tuple[str, str], float]:
+    """(check id, metric) -> max - min of its numeric values over ``docs`` (two or more values)."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for doc in docs:
+        for c in doc["checks"]:
+            for name, v in c["measured"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    values.setdefault((c["id"], name), []).append(float(v))
+    return {k: max(v) - min(v) for k, v in values.items() if len(v) >= 2}
+
+
+def tolerance(name: str, a, old: dict, new: dict, noise: float | None) -> float:
+    rule = METRICS[name]
+    slack = max(abs(a) * rule[1], rule[2])
+    if len(rule) > 3:  # one step of the measurement (e.g. one poll) is never a regression
+        steps = [m.get(rule[3]) for m in (old, new) if isinstance(m.get(rule[3]), (int, float))]
+        slack = max([slack] + steps)
+    if noise is not None:
+        slack = max(slack, SPREAD_FACTOR * noise)
+    return slack
+
+
+def _worse(name: str, a, b, old: dict | None = None, new: dict | None = None, noise: float | None = None) -> bool:
     rule = METRICS.get(name)
     if rule is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return False
-    direction, rel, absolute = rule
-    slack = max(abs(a) * rel, absolute)
-    return b > a + slack if direction == "lower" else b < a - slack
+    slack = tolerance(name, a, old or {}, new or {}, noise)
+    return b > a + slack if rule[0] == "lower" else b < a - slack
 
 
-def compare(a: dict, b: dict) -> list[Regression]:
-    """Regressions from run ``a`` (baseline) to run ``b``."""
+def compare(a: dict, b: dict, history: list[dict] | None = None) -> list[Regression]:
+    """Regressions from run ``a`` (baseline) to run ``b``; ``history``: earlier runs giving each metric's spread."""
     before = {c["id"]: c for c in a["checks"]}
     after = {c["id"]: c for c in b["checks"]}
+    noise = spread([a, *history]) if history else {}
     out = []
     for cid, old in before.items():
         new = after.get(cid)
@@ -135,17 +164,33 @@ def compare(a: dict, b: dict) -> list[Regression]:
             why = new["message"].splitlines()[0][:160] if new.get("message") else ""
             out.append(Regression(cid, f"passed before, {new['verdict']} now" + (f": {why}" if why else "")))
         for name, value in old["measured"].items():
-            if name in new["measured"] and _worse(name, value, new["measured"][name]):
+            if name in new["measured"] and _worse(name, value, new["measured"][name], old["measured"],
+                                                  new["measured"], noise.get((cid, name))):
                 direction = METRICS[name][0]
+                spread_text = (f", beyond {SPREAD_FACTOR:g}x the spread {_fmt(noise[(cid, name)])} of "
+                               f"{len(history) + 1} earlier runs" if (cid, name) in noise else "")
                 out.append(Regression(cid, f"{name} {_fmt(value)} -> {_fmt(new['measured'][name])} "
-                                           f"({direction} is better)"))
+                                           f"({direction} is better{spread_text})"))
     return out
 
 
-def main_report(a_path: str, b_path: str, out=None) -> int:
-    """`lab report A.json B.json`: print the comparison; 0 when B has no regression against A, 1 otherwise."""
+def append(directory: str | Path, doc: dict) -> dict:
+    """The first stage's report (results/conformance-latest.json) with ``doc``'s checks added (disruptive stage)."""
+    path = Path(directory) / "conformance-latest.json"
+    if not path.exists():
+        return doc
+    first = load(path)
+    merged = dict(first, checks=first["checks"] + doc["checks"], finished=doc["finished"],
+                  exitstatus=max(int(first.get("exitstatus", 0)), int(doc.get("exitstatus", 0))))
+    merged["counts"] = {v: sum(1 for c in merged["checks"] if c["verdict"] == v) for v in ("pass", "fail", "error", "skip")}
+    return merged
+
+
+def main_report(a_path: str, b_path: str, out=None, history: list[str] | None = None) -> int:
+    """`lab report A.json B.json [--history R...]`: print the comparison; 0 when B has no regression against A."""
     out = out or sys.stdout
     a, b = load(a_path), load(b_path)
+    past = [load(p) for p in history or []]
     out.write(f"A: {a_path} ({a['started']}, {_counts(a)})\nB: {b_path} ({b['started']}, {_counts(b)})\n")
     before = {c["id"]: c for c in a["checks"]}
     for c in b["checks"]:
@@ -160,7 +205,9 @@ def main_report(a_path: str, b_path: str, out=None) -> int:
         elif old["verdict"] != c["verdict"] or changes:
             out.write(f"  diff  {c['id']}: {old['verdict']} -> {c['verdict']}"
                       + (f"; {', '.join(changes)}" if changes else "") + "\n")
-    regressions = compare(a, b)
+    if not past:
+        out.write("no --history: tolerances are the fixed floors, not the measured run-to-run spread\n")
+    regressions = compare(a, b, past)
     if regressions:
         out.write(f"{len(regressions)} regression(s):\n" + "".join(f"  - {r}\n" for r in regressions))
         return 1

@@ -2,54 +2,33 @@
 
 Step 1, no policy: everything connects (proves the probes). Step 2, default-deny ingress and egress in the
 protected namespaces: everything into and out of them is blocked, DNS included. Step 3, allow DNS egress to kube-dns
-and frontend -> backend on one port: exactly those flows pass. Expected tables come from conformance/oracle.py; the
-observed table is polled as a WHOLE until it matches or the deadline passes (policy enforcement lag); a mismatch
-prints both tables with the differing cells marked.
+and frontend -> backend on one port: exactly those flows pass. Expected tables come from conformance/oracle.py.
+
+Each step is one self-contained check run by conformance.check.run_policy_check: in the same check, with the same
+pods, a baseline without any policy must show every flow the step blocks connecting (else the step fails naming
+those cells); then the policies are applied, the Cilium enforcement barrier is awaited, and the WHOLE table must
+match K times in a row (--policy-consecutive); a blocked cell that connects once is a failure. Where Hubble relay
+is enabled every blocked cell's drop reason is recorded, and a drop for any reason but policy fails the step.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pytest
 
+from conformance import cilium
 from conformance import kube as k8s
 from conformance import policies
+from conformance.check import FlowKey, NoBarrier, PolicyCheck, run_policy_check
 from conformance.conftest import serve_on_runner
 from conformance.expect import Target, TruthTable, observed_table
 from conformance.oracle import PolicyModel, External, Pod, expected_table
-from conformance.judge import poll_table
 
-pytestmark = pytest.mark.xdist_group("default_deny")
+pytestmark = [pytest.mark.xdist_group("default_deny"), pytest.mark.datapath("observe")]
 
 PORTS = (8080, 9090)
 EXTERNAL_PORTS = {"web": 18080, "c2": 18081}  # "the Internet" and "a command-and-control server", on the runner
 ALLOWED_PORT = 8080
-
-# A DNS query over UDP: netprobe's UDP verdict needs an echo, which a DNS server does not give.
-DNS_UDP_PROBE = r'''
-import json, socket, struct, sys
-ip, timeout = sys.argv[1], float(sys.argv[2])
-name = b"".join(bytes([len(p)]) + p.encode() for p in "kubernetes.default.svc.cluster.local".split(".")) + b"\0"
-query = struct.pack("!HHHHHH", 0x4B1D, 0x100, 1, 0, 0, 0) + name + struct.pack("!HH", 1, 1)
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.settimeout(timeout / 3)
-verdict, tries = "timeout", 0
-for tries in range(1, 4):
-    try:
-        sock.sendto(query, (ip, 53))
-        data, _ = sock.recvfrom(4096)
-        if data[:2] == query[:2]:
-            verdict = "connected"
-            break
-    except socket.timeout:
-        continue
-    except OSError as exc:
-        verdict = {111: "refused", 113: "unreachable", 101: "unreachable"}.get(exc.errno, "error")
-        break
-print(json.dumps([{"to": "%s:53/udp" % ip, "proto": "udp", "verdict": verdict, "tries": tries}]))
-'''
-
 
 @dataclass
 class World:
@@ -61,6 +40,7 @@ class World:
     model_pods: list
     externals: list
     dns_ip: str
+    flow_keys: dict  # (source, Target) -> FlowKey
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +77,24 @@ def _build_world(session, kube, runner_ip, settings) -> World:
                 t = Target(pod.id, port, proto)
                 targets.append(t)
                 address_of[t] = f"{pod.ip}:{port}"
-    for proto in ("UDP", "TCP"):
+    for proto, probe in (("UDP", "dns"), ("TCP", "dns-tcp")):  # a real DNS query: netprobe connect .../dns
         t = Target("kube-system/kube-dns", 53, proto)
         targets.append(t)
-        address_of[t] = f"{dns_svc.spec.cluster_ip}:53"
+        address_of[t] = f"{dns_svc.spec.cluster_ip}:53/{probe}"
     for name, port in EXTERNAL_PORTS.items():
         for proto in ("TCP", "UDP"):
             t = Target(f"ext/{name}", port, proto)
             targets.append(t)
             address_of[t] = f"{runner_ip}:{port}"
-    return World([a, b], sources, targets, address_of, namespaces, pods, externals, dns_svc.spec.cluster_ip)
+    ip_of = {p.id: p.ip for p in pods[:3]}
+    dns_ips = frozenset([dns_svc.spec.cluster_ip] + [p.status.pod_ip for p in dns_pods if p.status.pod_ip])
+    keys = {}
+    for source in sources:
+        for t in targets:
+            dst = dns_ips if t.id == "kube-system/kube-dns" else frozenset(
+                [runner_ip] if t.id.startswith("ext/") else [ip_of[t.id]])
+            keys[(source, t)] = FlowKey(ip_of[source], dst, t.port, t.proto)
+    return World([a, b], sources, targets, address_of, namespaces, pods, externals, dns_svc.spec.cluster_ip, keys)
 
 
 def expected(world: World, applied: list[dict]) -> TruthTable:
@@ -120,30 +108,47 @@ def expected(world: World, applied: list[dict]) -> TruthTable:
 
 
 def observe(session, world: World) -> TruthTable:
-    results = {}
-    dns_udp = Target("kube-system/kube-dns", 53, "UDP")
-
+    """One complete observation: every source probes every target at the same time (netprobe connect; kube-dns
+    with a real DNS query, ``/dns`` and ``/dns-tcp``). Any probe that could not run fails the whole observation."""
     def probe(source, ns, pod):
         args = ["connect", "--timeout", "2", "--parallel", "64"]
         for t in world.targets:
-            if t != dns_udp and t.id != source:
-                args += ["--to", f"{world.address_of[t]}/{t.proto.lower()}"]
-        out = session.netprobe(ns, pod, args, timeout=60)
-        dns = session.exec(ns, pod, ["python3", "-c", DNS_UDP_PROBE, world.dns_ip, "3"], 30)
-        if dns.rc != 0:
-            raise k8s.ProbeFailed(f"DNS probe in {ns}/{pod} failed (exit {dns.rc}): {dns.stderr[:200]}")
-        results[source] = out + json.loads(dns.stdout)
+            if t.id != source:
+                to = world.address_of[t]
+                args += ["--to", to if "/" in to else f"{to}/{t.proto.lower()}"]
+        return source, session.netprobe(ns, pod, args, timeout=60)
 
-    # any error fails the whole observation (a transport failure), after every probe has finished
-    k8s.in_parallel([lambda s=s, ns=ns, pod=pod: probe(s, ns, pod) for s, (ns, pod) in world.sources.items()])
+    results = dict(k8s.in_parallel([lambda s=s, ns=ns, pod=pod: probe(s, ns, pod)
+                                    for s, (ns, pod) in world.sources.items()]))
     return observed_table(list(world.sources), world.targets, results, world.address_of)
 
 
-def apply(kube, world: World, manifests: list[dict]) -> None:
+def apply(kube, world: World, manifests: list[dict]) -> int:
+    """Replace the policies in the protected namespaces; returns how many objects were deleted or created."""
+    changes = 0
     for ns in world.protected:
+        changes += len(kube.net.list_namespaced_network_policy(ns).items)
         kube.net.delete_collection_namespaced_network_policy(ns)
     for m in manifests:
         kube.net.create_namespaced_network_policy(m["metadata"]["namespace"], m)
+        changes += 1
+    return changes
+
+
+def make_check(world: World, name: str, manifests: list[dict]) -> PolicyCheck:
+    return PolicyCheck(name, list(world.sources), world.targets, manifests, expected(world, manifests),
+                       expected(world, []), world.flow_keys)
+
+
+@pytest.fixture(scope="module")
+def enforcement(session, kube):
+    """The barrier and the drop source for this cluster: Cilium's agents, Hubble where relay is enabled."""
+    found = cilium.agents(kube)
+    if not found:
+        barrier = NoBarrier("no Cilium agent pods (kube-system, k8s-app=cilium): policy revision unknown")
+        return barrier, None, "no Cilium agents"
+    drops = cilium.HubbleDrops(session, found) if cilium.hubble_relay_enabled(kube) else None
+    return cilium.CiliumBarrier(session, found), drops, ("" if drops else "Hubble relay is not enabled")
 
 
 def step2_policies(world):
@@ -158,24 +163,29 @@ def step3_policies(world):
                                     ALLOWED_PORT)]
 
 
-def _run_step(session, kube, world, settings, measure, manifests):
-    apply(kube, world, manifests)
-    want = expected(world, manifests)
-    result = poll_table(want, lambda: observe(session, world), settings.policy_seconds,
-                        transport_errors=(k8s.ProbeFailed,))
-    measure("policy_converge_seconds", round(result.seconds, 1))
-    measure("cells", len(want.cells))
-    measure("transport_failures_retried", result.transport_failures)
-    assert result.matched, result.text
+def _run_step(session, kube, world, settings, measure, enforcement, name, manifests):
+    barrier, drops, why = enforcement
+    check = make_check(world, name, manifests)
+    result = run_policy_check(check, lambda m: apply(kube, world, m), lambda: observe(session, world), barrier,
+                              drops, settings.policy_seconds, consecutive=settings.policy_consecutive,
+                              transport_errors=(k8s.ProbeFailed,), unavailable=why)
+    measure("cells", len(check.expected.cells))
+    measure("policy", result.record())
+    if result.enforced is not None:
+        measure("policy_converge_seconds", round(result.enforced.seconds, 1))
+        measure("policy_polls", result.enforced.polls)
+        measure("transport_failures_retried", result.enforced.transport_failures)
+    assert result.passed, result.text
 
 
-def test_step1_no_policy_everything_connects(session, kube, world, settings, measure):
-    _run_step(session, kube, world, settings, measure, [])
+def test_step1_no_policy_everything_connects(session, kube, world, settings, measure, enforcement):
+    _run_step(session, kube, world, settings, measure, enforcement, "no policy", [])
 
 
-def test_step2_default_deny_blocks_everything_in_and_out(session, kube, world, settings, measure):
-    _run_step(session, kube, world, settings, measure, step2_policies(world))
+def test_step2_default_deny_blocks_everything_in_and_out(session, kube, world, settings, measure, enforcement):
+    _run_step(session, kube, world, settings, measure, enforcement, "default deny", step2_policies(world))
 
 
-def test_step3_only_dns_and_frontend_to_backend_pass(session, kube, world, settings, measure):
-    _run_step(session, kube, world, settings, measure, step3_policies(world))
+def test_step3_only_dns_and_frontend_to_backend_pass(session, kube, world, settings, measure, enforcement):
+    _run_step(session, kube, world, settings, measure, enforcement, "allow DNS and frontend->backend",
+              step3_policies(world))

@@ -5,15 +5,27 @@ Also reports every node's kernel: Cilium's eBPF datapath with kube-proxy replace
 """
 from __future__ import annotations
 
-from conformance.judge import kernel_at_least, kube_proxy_findings
+from conformance.judge import NotMeasured, kernel_at_least, kube_proxy_findings
 from lab.cilium_status import cilium_kpr
 
-RULES_SCRIPT = ("found=none; "
-                "if command -v iptables-save >/dev/null 2>&1; then found=no; "
-                "iptables-save 2>/dev/null | grep -q KUBE-SERVICES && found=yes; fi; "
-                "if command -v nft >/dev/null 2>&1; then [ $found = none ] && found=no; "
-                "nft list ruleset 2>/dev/null | grep -qE 'KUBE-SERVICES|table ip6? kube-proxy' && found=yes; fi; "
-                "echo $found")
+#: Prints yes / no / none (neither tool present). A tool that is present but fails exits non-zero with its error:
+#: pipefail, and grep's "no match" (1) told apart from a failure (>1), so a broken iptables-save is never "no rules".
+RULES_SCRIPT = r"""set -o pipefail 2>/dev/null || { echo 'this shell has no pipefail' >&2; exit 9; }
+found=none
+check() { out=$("$@") || { echo "$* failed (exit $?)" >&2; exit 3; }; [ $found = none ] && found=no
+  printf '%s\n' "$out" | grep -qE 'KUBE-SERVICES|table ip6? kube-proxy' && found=yes; return 0; }
+if command -v iptables-save >/dev/null 2>&1; then check iptables-save; fi
+if command -v nft >/dev/null 2>&1; then check nft list ruleset; fi
+echo $found"""
+
+
+def parse_rules_answer(node: str, rc, stdout: str, stderr: str) -> bool | None:
+    """True/False: rules present or not; None: neither tool exists. A failed read is NotMeasured."""
+    word = (stdout or "").strip()
+    if rc != 0 or word not in ("yes", "no", "none"):
+        raise NotMeasured(f"{node}: reading iptables/nft rules failed (exit {rc}): "
+                          f"{(stderr or stdout or '').strip()[:300] or 'no output'}")
+    return {"yes": True, "no": False, "none": None}[word]
 
 
 def test_no_kube_proxy_daemonset(kube):
@@ -27,9 +39,8 @@ def test_no_kube_proxy_process_or_rules(node_facts, measure):
     facts = node_facts.facts()
     host_rules = {}
     for node in facts:
-        res = node_facts.host(node, RULES_SCRIPT)  # the node's own iptables/nft (the probe image has neither)
-        word = res.stdout.strip()
-        host_rules[node] = {"yes": True, "no": False}.get(word)
+        res = node_facts.host(node, RULES_SCRIPT, shell="bash")  # the node's own iptables/nft
+        host_rules[node] = parse_rules_answer(node, res.rc, res.stdout, res.stderr)
     findings = kube_proxy_findings(facts, host_rules)
     measure("nodes", len(facts))
     assert not findings, "kube-proxy is not fully replaced:\n  " + "\n  ".join(findings)

@@ -1,45 +1,46 @@
 """LoadBalancer (MetalLB L2): IP from the pool within a deadline, HTTP from the runner reaches a backend, the runner's
 neighbour entry maps the IP to exactly one node, a requested IP is honoured, a request beyond the pool stays Pending
 with an event saying why, externalTrafficPolicy Local keeps the client's source IP, and failover: with the
-announcing node's speaker gone, the seconds until the IP answers again from another node.
+announcing node's speaker gone, the seconds until the IP answers again from another node, judged against a bound
+(--failover-seconds, default 30). Failover is `disruptive`: it runs in the serial stage after every other check.
 
-Backends answer HTTP GET with JSON {"host": pod name, "peer": client address as the pod sees it}.
+Backends are `netprobe serve --http` (JSON {"host": pod name, "peer": client address as the pod sees it}); the
+runner asks with `netprobe connect IP:80/http` (raw sockets: no http_proxy from the environment applies).
 """
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
-import urllib.request
 
 import pytest
 
 from conformance import kube as k8s
 from conformance.judge import ip_in_pool, outside_pool_address, parse_link_macs, parse_neighbour
+from lab.errors import WaitTimeout
 from lab.wait import wait_for
 
 pytestmark = pytest.mark.xdist_group("metallb")  # failover disturbs the speakers: keep LB checks on one worker
 
 HTTP_PORT = 8080
-FAILOVER_TAINT = "kvmlab.io/conformance-failover"
-HTTP_SERVER = r'''
-import http.server, json, socket
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"host": socket.gethostname(), "peer": self.client_address[0]}).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
-'''
+FAILOVER_TAINT = k8s.SUITE_TAINTS[0]  # `--cleanup-only` removes it if a killed run left it
 
 
 def http_get(ip: str, port: int = 80, timeout: float = 2.0) -> dict | None:
-    """GET / from the runner; the backend's JSON, or None when nothing answered."""
+    """GET / from the runner with netprobe (`connect IP:PORT/http`: raw sockets, no proxy from the environment);
+    the backend's JSON ({"host", "peer", ...} from `netprobe serve --http`), or None when nothing answered.
+    A netprobe that could not run is a ProbeFailed, never "no answer"."""
+    res = subprocess.run([sys.executable, str(k8s.NETPROBE_SOURCE), "connect", "--timeout", str(timeout),
+                          "--to", f"{ip}:{port}/http"], capture_output=True, text=True, timeout=timeout + 30)
+    if res.returncode != 0:
+        raise k8s.ProbeFailed(f"netprobe connect on the runner failed (exit {res.returncode}): {res.stderr[:300]}")
+    [row] = json.loads(res.stdout)
+    if row["verdict"] != "connected":
+        return None
     try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except (OSError, ValueError):
+        return json.loads(row["http"]["body"])
+    except (KeyError, ValueError):
         return None
 
 
@@ -73,11 +74,11 @@ def lb(session, kube, settings, runner_ip):
         pytest.skip("needs the MetalLB pool: pass --lab SPEC or --lb-pool CIDR|FIRST-LAST")
     nodes = sorted(k8s.node_addresses(kube))
     ns = session.namespace("lb")
-    for node in nodes:
+    for node in nodes:  # netprobe serve --http: answers {"host": pod name, "peer": client address}
         spec = session.probe_pod_spec(node=node)
-        spec["containers"][0].update(command=["python3", "-c", HTTP_SERVER],
+        spec["containers"][0].update(command=["python3", k8s.NETPROBE, "serve", "--http", str(HTTP_PORT)],
                                      ports=[{"containerPort": HTTP_PORT, "name": "http"}])
-        kube.core.create_namespaced_pod(ns, {"metadata": {"name": f"backend-{node}", "labels": {
+        session.create_pod(ns, {"metadata": {"name": f"backend-{node}", "labels": {
             "app": "lb-backend", k8s.OWNER_LABEL: "true"}}, "spec": spec})
     session.wait_pods_ready(ns, "app=lb-backend", len(nodes), "HTTP backends (one per node)")
     started = time.monotonic()
@@ -186,11 +187,18 @@ def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
             done = answer is not None and now is not None and now != before
             state = f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
             return (True, now) if done else (False, state)
-        after = wait_for(f"{lb['ip']} to answer from a node other than {before}", 300, check, interval=0.2,
-                         hint=k8s.WAIT_HINT)
+        bound = settings.failover_seconds
+        measure("failover_bound_seconds", bound)
+        try:
+            after = wait_for(f"{lb['ip']} to answer from a node other than {before}", bound, check, interval=0.2,
+                             hint="raise --failover-seconds only if this failover time is acceptable in production")
+        except WaitTimeout as exc:
+            measure("failover_seconds", round(time.monotonic() - started, 2))
+            pytest.fail(f"no failover within the bound of {bound:.0f}s (--failover-seconds): {exc}", pytrace=False)
         seconds = time.monotonic() - started
     finally:
         current = kube.core.read_node(before).spec.taints or []
         kube.core.patch_node(before, {"spec": {"taints": [_taint(t) for t in current if t.key != FAILOVER_TAINT]}})
     measure("failover_seconds", round(seconds, 2))
     measure("failover", f"{before} -> {after}")
+    assert seconds <= bound, f"failover took {seconds:.1f}s, over the bound of {bound:.0f}s (--failover-seconds)"

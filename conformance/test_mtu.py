@@ -12,6 +12,8 @@ from conformance import kube as k8s
 from conformance.judge import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
                                route_mtu)
 
+pytestmark = pytest.mark.datapath("observe")  # never while load is held on the nodes
+
 PORT = 8080
 
 

@@ -166,7 +166,7 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from conformance.report import main_report
 
-    return main_report(args.a, args.b)
+    return main_report(args.a, args.b, history=args.history)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="compare two conformance reports (A = baseline, B = candidate)")
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument("--history", nargs="*", default=[], metavar="REPORT",
+                   help="earlier reports of the same lab: each metric's tolerance grows to twice its spread there")
     p.set_defaults(func=cmd_report)
     return parser
 

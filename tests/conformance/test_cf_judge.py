@@ -114,18 +114,24 @@ class Clock:
         self.t += s
 
 
-def test_poll_absorbs_enforcement_lag():
+def test_poll_absorbs_enforcement_lag_only_without_a_barrier():
     clock = Clock()
     result = poll_table(ONE_PORT, Seq(observed("connect_healthy"), observed("connect_one_allowed_port")), 60,
-                        clock=clock, sleep=clock.sleep)
+                        clock=clock, sleep=clock.sleep, consecutive=1, enforced=False)
     assert result.matched and result.polls == 2 and result.seconds == 2.0
+    assert result.leaks == {"ns/pod1->ns/pod2:9090/TCP": [1], "ns/pod1->ns/pod2:53/UDP": [1],
+                            "ns/pod1->ns/pod2:53/TCP": [1]}  # recorded as lag, reported
+    result = poll_table(ONE_PORT, Seq(observed("connect_healthy"), observed("connect_one_allowed_port")), 60,
+                        clock=clock, sleep=clock.sleep, consecutive=1, enforced=True)
+    assert not result.matched and result.polls == 1  # after the barrier a leak is final
 
 
 def test_poll_retries_transport_failures_and_counts_them():
     clock = Clock()
     result = poll_table(ONE_PORT, Seq(RuntimeError("exec lost"), observed("connect_one_allowed_port")), 60,
-                        transport_errors=(RuntimeError,), clock=clock, sleep=clock.sleep)
+                        transport_errors=(RuntimeError,), clock=clock, sleep=clock.sleep, consecutive=1)
     assert result.matched and result.transport_failures == 1
+    assert result.mismatched == [{"poll": 1, "transport_error": "exec lost"}]
 
 
 def test_a_blocked_cell_is_never_retried_into_a_pass():
@@ -134,9 +140,10 @@ def test_a_blocked_cell_is_never_retried_into_a_pass():
     first = observed("connect_healthy")           # 8080 ok, but everything else connects (should be blocked)
     second = observed("connect_default_deny_ingress")  # everything blocked, but 8080 should connect
     clock = Clock()
-    result = poll_table(want, Seq(first, second, first, second), 10, clock=clock, sleep=clock.sleep)
+    result = poll_table(want, Seq(second, first, second, second), 10, clock=clock, sleep=clock.sleep,
+                        enforced=False)
     assert not result.matched
-    assert "tables still differ after 10s" in result.text and "*" in result.text
+    assert "did not match 3 times in a row within 10s" in result.text and "*" in result.text
 
 
 def test_poll_without_any_observation_reports_it():
@@ -213,10 +220,14 @@ def test_route_mtu_from_facts():
 # ---------------------------------------------------------------------------------------------- load, conntrack
 
 
+def verified(doc: dict, n: int | None = None) -> dict:
+    return dict(doc, verified=doc["held"] if n is None else n)
+
+
 def test_load_healthy_and_limited():
-    total, problems = judge_load([fixture("load_healthy")])
-    assert problems == [] and total["established"] == total["requested"]
-    total, problems = judge_load([fixture("load_healthy"), fixture("load_conn_limited")])
+    total, problems = judge_load([verified(fixture("load_healthy"))])
+    assert problems == [] and total["established"] == total["requested"] == total["verified"]
+    total, problems = judge_load([verified(fixture("load_healthy")), verified(fixture("load_conn_limited"))])
     assert "500 of 1500" not in " ".join(problems)  # summed over clients
     assert problems[0].startswith(f"{total['established']} of {total['requested']} connections established")
     assert "1000 connections failed (1000 timeouts)" in problems

@@ -16,7 +16,7 @@ from lab.render import render_cluster
 from lab.render.cilium import cilium_values, deep_merge, validate_cilium_values
 from lab.render.kubeadm import join_configuration, kubeadm_documents
 from lab.render.metallb import metallb_documents, native_manifest_url
-from lab.spec import KUBERNETES_VERSION, load_lab, parse_lab
+from lab.spec import KUBERNETES_VERSION, OVERLAY_OVERHEAD_IPV4, load_lab, parse_lab
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,7 +166,8 @@ def test_cilium_mtu_is_the_base_mtu_so_pods_get_network_minus_50(proto):
     """Cilium's MTU value is the underlay MTU; the agent subtracts 50 itself (pkg/mtu). Pods then get 1450."""
     lab = lab_with(cilium__tunnelProtocol=proto)
     v = cilium_values(lab)
-    assert v["MTU"] == 1500 and lab.pod_mtu == 1450 and v["MTU"] - 50 == lab.pod_mtu
+    assert v["MTU"] == lab.network.mtu == 1500  # the underlay, not the pod MTU
+    assert lab.pod_mtu == 1450 == v["MTU"] - OVERLAY_OVERHEAD_IPV4[proto]
 
 
 def test_explicit_pod_mtu_renders_base_mtu():

@@ -1,0 +1,137 @@
+"""Cilium's side of the suite: the enforcement barrier, Hubble drop reasons and the BPF conntrack map.
+
+Everything is read from the agents themselves (``kubectl exec`` into the ``cilium-agent`` container of each
+``k8s-app=cilium`` pod in kube-system) through ``Session.exec``; every command's exit code is checked and a failed
+read is :class:`~conformance.judge.NotMeasured` with the agent's message, never a verdict.
+
+- **Barrier**: ``cilium-dbg policy get -o json`` prints the agent's policy repository ``{"revision": N, ...}``.
+  Each NetworkPolicy add or delete the agent imports bumps the revision by one (pkg/policy/repository.go), so
+  after ``changes`` objects changed every agent must reach ``before + changes``; then
+  ``cilium-dbg policy wait REV`` blocks until every endpoint on that node has realized that revision.
+- **Drops**: ``hubble observe --verdict DROPPED --since T -o json`` in each agent (the agent image ships the
+  ``hubble`` CLI; it talks to the local Hubble server), used only where the lab enabled Hubble relay.
+- **Conntrack**: ``cilium-dbg bpf ct list global`` (entries) and ``cilium-dbg status --verbose`` (map sizes).
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from conformance.check import BarrierResult, Drop
+from conformance.judge import NotMeasured
+
+AGENT_NS, AGENT_SELECTOR, AGENT_CONTAINER = "kube-system", "k8s-app=cilium", "cilium-agent"
+RELAY_SELECTOR = "k8s-app=hubble-relay"
+
+#: ENTRIES MAX for the global IPv4 TCP CT map; each step's exit code is checked (no 2>/dev/null | grep -c).
+CT_READ_SCRIPT = (
+    "set -u; list=$(cilium-dbg bpf ct list global) || { echo 'cilium-dbg bpf ct list global failed' >&2; exit 3; }; "
+    "status=$(cilium-dbg status --verbose) || { echo 'cilium-dbg status --verbose failed' >&2; exit 4; }; "
+    "n=$(printf '%s\\n' \"$list\" | grep -c '^TCP' || true); "
+    "m=$(printf '%s\\n' \"$status\" | sed -n 's/^ *TCP connection tracking *\\([0-9][0-9]*\\).*/\\1/p' | head -1); "
+    "[ -n \"$m\" ] || { echo 'no \"TCP connection tracking\" size in cilium-dbg status --verbose' >&2; exit 5; }; "
+    "echo \"$n $m\"")
+
+
+def agents(kube) -> dict[str, str]:
+    """node -> Cilium agent pod name ({} without Cilium)."""
+    pods = kube.core.list_namespaced_pod(AGENT_NS, label_selector=AGENT_SELECTOR).items
+    return {p.spec.node_name: p.metadata.name for p in pods}
+
+
+def hubble_relay_enabled(kube) -> bool:
+    return bool(kube.core.list_namespaced_pod(AGENT_NS, label_selector=RELAY_SELECTOR).items)
+
+
+def _run(session, node: str, pod: str, command: list[str], timeout: float = 60.0):
+    res = session.exec(AGENT_NS, pod, command, timeout, container=AGENT_CONTAINER)
+    if res.rc != 0:
+        raise NotMeasured(f"{node}: `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} failed (exit {res.rc}): "
+                          f"{(res.stderr or res.stdout).strip()[:300] or 'no output'}")
+    return res.stdout
+
+
+def parse_revision(node: str, text: str) -> int:
+    try:
+        doc = json.loads(text)
+        return int(doc["revision"])
+    except (ValueError, KeyError, TypeError):
+        raise NotMeasured(f"{node}: `cilium-dbg policy get -o json` printed no revision: {text[:200]!r}") from None
+
+
+class CiliumBarrier:
+    """Each agent's policy revision reaches the one after the change, and its endpoints realized it."""
+
+    def __init__(self, session, agents_by_node: dict[str, str], interval: float = 0.5,
+                 clock=time.monotonic, sleep=time.sleep):
+        self.session, self.agents = session, dict(agents_by_node)
+        self.interval, self.clock, self.sleep = interval, clock, sleep
+
+    def revisions(self) -> dict[str, int]:
+        return {node: parse_revision(node, _run(self.session, node, pod, ["cilium-dbg", "policy", "get", "-o", "json"]))
+                for node, pod in sorted(self.agents.items())}
+
+    def mark(self) -> dict[str, int]:
+        return self.revisions()
+
+    def wait(self, mark: dict[str, int], changes: int, seconds: float) -> BarrierResult:
+        want = {node: rev + changes for node, rev in mark.items()}
+        start = self.clock()
+        while True:
+            now = self.revisions()
+            behind = {n: f"{now[n]}<{want[n]}" for n in want if now[n] < want[n]}
+            if not behind:
+                break
+            if self.clock() - start >= seconds:
+                raise NotMeasured(f"enforcement barrier: Cilium agents did not reach the policy revision after "
+                                  f"{changes} change(s) within {seconds:.0f}s: {behind}")
+            self.sleep(self.interval)
+        left = max(1, int(seconds - (self.clock() - start)))
+        for node, pod in sorted(self.agents.items()):
+            _run(self.session, node, pod, ["cilium-dbg", "policy", "wait", str(now[node]),
+                                           "--max-wait-time", f"{left}s"], timeout=left + 30)
+        return BarrierResult(True, f"{len(want)} agent(s) at policy revision {now} (>= mark + {changes}), "
+                                   "endpoints realized it")
+
+
+def parse_hubble_flows(text: str) -> list[Drop]:
+    """`hubble observe -o json` lines -> drops. Lines that are not flows (e.g. lost-event notices) are skipped."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            flow = json.loads(line).get("flow") or {}
+        except ValueError:
+            raise NotMeasured(f"hubble observe printed a line that is not JSON: {line[:200]!r}") from None
+        if flow.get("verdict") != "DROPPED":
+            continue
+        ip, l4 = flow.get("IP") or {}, flow.get("l4") or {}
+        proto = next((p for p in ("TCP", "UDP") if p in l4), None)
+        if not proto:
+            continue
+        out.append(Drop(ip.get("source", ""), ip.get("destination", ""), int(l4[proto].get("destination_port", 0)),
+                        proto, str(flow.get("drop_reason_desc") or flow.get("drop_reason") or "UNKNOWN")))
+    return out
+
+
+class HubbleDrops:
+    """Drops seen by every agent's Hubble server since a time."""
+
+    def __init__(self, session, agents_by_node: dict[str, str]):
+        self.session, self.agents = session, dict(agents_by_node)
+
+    def drops(self, since: float) -> list[Drop]:
+        stamp = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        found = []
+        for node, pod in sorted(self.agents.items()):
+            found += parse_hubble_flows(_run(self.session, node, pod, [
+                "hubble", "observe", "--verdict", "DROPPED", "--since", stamp, "--last", "100000", "-o", "json"]))
+        return found
+
+
+def ct_reading(session, node: str, pod: str):
+    from conformance.judge import parse_bpf_ct
+    res = session.exec(AGENT_NS, pod, ["sh", "-c", CT_READ_SCRIPT], 180, container=AGENT_CONTAINER)
+    return parse_bpf_ct(node, res.rc, res.stdout, res.stderr)
