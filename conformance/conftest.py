@@ -51,7 +51,8 @@ def pytest_addoption(parser):
     g.addoption("--kubeconfig", help="kubeconfig of the cluster (default: the lab's .lab/<name>/kubeconfig, "
                                      "then $KUBECONFIG, then ~/.kube/config)")
     g.addoption("--lab", help="lab spec (e.g. labs/default.yaml): expected tuning, pool, MTU, overlay, runner IP")
-    g.addoption("--probe-image", help="image with python3 for probe pods (default: $KVMLAB_PROBE_IMAGE, else "
+    g.addoption("--probe-image", help="image with python3 for probe pods (default: $KVMLAB_PROBE_IMAGE, else the "
+                                      f"bundle's probe image for a --lab with kubernetes.source: bundle, else "
                                       f"{k8s.PROBE_IMAGE})")
     g.addoption("--expect-sysctl", action="append", default=[], metavar="NAME=VALUE",
                 help="expected node sysctl (repeatable; overrides the lab's / the production set)")
@@ -108,8 +109,15 @@ def _settings(config) -> Settings:
         if not sep:
             raise pytest.UsageError(f"--expect-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=32768")
         sysctls[name.strip()] = value.strip()
+    probe_image = opt("--probe-image")
+    if not probe_image and not os.environ.get(k8s.PROBE_IMAGE_ENV) and lab is not None \
+            and lab.kubernetes.source == "bundle":
+        from lab.bundle.recipe import load_recipe
+
+        # An offline lab has only the bundle's images: its probe image is the one in the recipe.
+        probe_image = next(ref for ref in load_recipe().images if "netprobe" in ref)
     return Settings(
-        kubeconfig=kubeconfig, lab=lab, probe_image=k8s.probe_image(opt("--probe-image")), expect_sysctls=sysctls,
+        kubeconfig=kubeconfig, lab=lab, probe_image=k8s.probe_image(probe_image), expect_sysctls=sysctls,
         underlay_mtu=opt("--expect-mtu") or (lab.network.mtu if lab else None),
         tunnel=opt("--tunnel") or (lab.cilium.tunnel_protocol if lab else "vxlan"),
         lb_pool=list(opt("--lb-pool")) or (list(lab.metallb.addresses) if lab else []),
