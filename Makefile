@@ -8,6 +8,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+CONFORMANCE_WORKERS ?= 4
 
 # Debian packages: what `lab up` needs on the hypervisor host, and what our tests need on top.
 APT_RUNTIME := libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv \
@@ -76,7 +77,7 @@ bundle: venv
 # checks' pods) alone and serially, adding to the same report. The second stage runs even if the first failed.
 conformance: venv
 	@mkdir -p results
-	rc=0; $(PY) -m pytest conformance --lab $(LAB) -m 'not disruptive' -n 4 --dist loadgroup -o timeout=1800 \
+	rc=0; $(PY) -m pytest conformance --lab $(LAB) -m 'not disruptive' -n $(CONFORMANCE_WORKERS) --dist loadgroup -o timeout=1800 \
 	  --junitxml results/junit.xml $(PYTEST_ARGS) || rc=$$?; \
 	$(PY) -m pytest conformance --lab $(LAB) -m disruptive --append-report -o timeout=1800 \
 	  --junitxml results/junit-disruptive.xml $(PYTEST_ARGS) || rc=$$((rc ? rc : $$?)); exit $$rc
