@@ -114,18 +114,38 @@ def judge_route_mtu(route_mtu: int, expected: int) -> tuple[MtuFinding, str]:
     return MtuFinding.OK, f"pod route MTU {route_mtu} (expected {expected})"
 
 
-def route_mtu(facts: dict) -> int | None:
-    route = facts.get("default_route") or {}
-    return route.get("effective_mtu") or route.get("mtu") or route.get("dev_mtu")
+def route_mtu(facts: dict, who: str = "") -> int:
+    """The MTU the kernel uses on the default route: netprobe facts' ``default_route.effective_mtu`` (IP_MTU, else
+    the rtnetlink metric). Never the device MTU: Cilium leaves eth0 at 1500 and lowers the route. No default route,
+    or a route MTU netprobe could not read, is :class:`NotMeasured` with netprobe's own errors."""
+    route = facts.get("default_route")
+    value = (route or {}).get("effective_mtu")
+    if isinstance(value, int) and value > 0:
+        return value
+    errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in facts.get("errors") or [])
+    what = "no default route" if not route else "the default route's MTU is unknown (effective_mtu null)"
+    raise NotMeasured(f"{who + ': ' if who else ''}{what}" + (f" ({errors})" if errors else "")
+                      + "; the device MTU is not the route MTU, so nothing is judged")
+
+
+#: What each non-ok `netprobe mtu` verdict means; only black_hole is a PMTUD black hole.
+MTU_VERDICT_MEANING = {
+    "black_hole": "a PMTUD black hole: large packets vanish without an ICMP error",
+    "refused": "the TCP bulk connection was refused: nothing listens on the target port (test setup, not MTU)",
+    "unreachable": "the TCP bulk connection was rejected with ICMP unreachable (a policy or route rejects it)",
+    "timeout": "the TCP bulk connection or transfer timed out before any size question was answered",
+    "reset": "the TCP bulk connection was reset by the peer or the path",
+    "error": "the probe could not run its measurement",
+}
 
 
 def judge_path_mtu(result: dict, pod_mtu: int, ipv6: bool = False) -> list[str]:
     """`netprobe mtu` between pods: largest DF payload must be exactly pod MTU - 28 (IPv6: - 48), bulk must work."""
     problems = []
     want = pod_mtu - (48 if ipv6 else 28)
-    if result.get("verdict") != "ok":
-        problems.append(f"netprobe mtu verdict {result.get('verdict')!r} (a PMTUD black hole: large packets vanish "
-                        "without an ICMP error)")
+    verdict = result.get("verdict")
+    if verdict != "ok":
+        problems.append(f"netprobe mtu verdict {verdict!r} ({MTU_VERDICT_MEANING.get(verdict, 'unexpected')})")
     got = result.get("largest_udp_payload")
     if got != want:
         problems.append(f"largest DF UDP payload {got}, expected exactly {want} (pod MTU {pod_mtu} - "
@@ -141,16 +161,19 @@ def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where
                    what: str = "counters") -> dict:
     """node -> {counter: increase} for counters that rose between two facts snapshots.
 
-    A node whose snapshot lacks the counters (netprobe could not read them) raises :class:`CounterMissing` with
-    the node and netprobe's own error entries: a missing counter never counts as "no rise"."""
+    A node whose snapshot lacks a counter (null: netprobe could not read it) or whose facts carry ``errors``
+    raises :class:`CounterMissing` with the node and netprobe's own error entries: a missing counter never counts
+    as "no rise"."""
     out, missing = {}, []
     for node in sorted(after):
         for label, doc in (("before", before.get(node)), ("after", after[node])):
             found = where(doc) if doc is not None else None
             absent = [n for n in names if not isinstance((found or {}).get(n), int)]
+            errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
             if absent:
-                errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
                 missing.append(f"{node} ({label}): {', '.join(absent)} unreadable" + (f" ({errors})" if errors else ""))
+            elif errors:  # netprobe says part of this snapshot could not be read: never judged as "no rise"
+                missing.append(f"{node} ({label}): netprobe reported errors ({errors})")
         if missing:
             continue
         a, b = where(before[node]), where(after[node])
