@@ -413,3 +413,100 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
                            f"{result.transport_failures} transport failures):\n{text}")
             return result
         sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------- judged as the checks do
+# (pure functions the checks in conformance/test_*.py call, so the fault matrix in tests/netns feeds them real outputs)
+
+
+def judge_underlay(underlay: dict[str, int], expected: int | None) -> list[str]:
+    """Node default-route MTUs: each equals the expected underlay MTU (when given) and all nodes agree."""
+    problems = []
+    if expected:
+        wrong = {n: m for n, m in underlay.items() if m != expected}
+        if wrong:
+            problems.append(f"node underlay MTU differs from the expected {expected}: {wrong}")
+    if len(set(underlay.values())) > 1:
+        problems.append(f"nodes disagree on the underlay MTU: {underlay}")
+    return problems
+
+
+def judge_kernels(kernels: dict[str, str]) -> str | None:
+    old = {n: k for n, k in kernels.items() if not kernel_at_least(k)}
+    if old:
+        return f"kernel older than 5.10 on {old}: Cilium kube-proxy replacement with BPF masquerading needs 5.10+"
+    return None
+
+
+def kube_proxy_daemonsets(daemonsets) -> list[str]:
+    """kube-proxy DaemonSets among API objects (kubernetes client V1DaemonSet): by name or k8s-app label."""
+    return [f"{ds.metadata.namespace}/{ds.metadata.name}" for ds in daemonsets
+            if ds.metadata.name == "kube-proxy" or (ds.metadata.labels or {}).get("k8s-app") == "kube-proxy"]
+
+
+def judge_kpr(node: str, rc: int | None, stdout: str) -> str | None:
+    """`cilium-dbg status` in one agent: KubeProxyReplacement must be active and the command must have worked."""
+    from lab.cilium_status import cilium_kpr
+    active, value = cilium_kpr(stdout or "")
+    if rc != 0 or not active:
+        return f"{node}: KubeProxyReplacement {value} (exit {rc})"
+    return None
+
+
+def judge_backend_answer(answer: dict | None, prefix: str = "backend-") -> str | None:
+    """An HTTP answer through the LoadBalancer IP: `serve --http`'s JSON naming a backend pod."""
+    if answer is None:
+        return "no HTTP answer through the LoadBalancer IP"
+    if not str(answer.get("host", "")).startswith(prefix):
+        return f"answer from an unexpected host: {answer}"
+    return None
+
+
+def judge_source_preserved(answer: dict | None, client_ip: str) -> str | None:
+    """externalTrafficPolicy Local: the backend sees the client's own address."""
+    if answer is None:
+        return "no HTTP answer through the LoadBalancer IP"
+    if answer.get("peer") != client_ip:
+        return (f"the backend saw {answer.get('peer')}, not the client {client_ip}: the source was NATed "
+                "(externalTrafficPolicy Local not honoured)")
+    return None
+
+
+def judge_announcer(ip: str, mac: str | None, macs: dict[str, set[str]]) -> tuple[str | None, str | None]:
+    """The runner's neighbour entry for ip -> (the node owning that MAC, problem or None)."""
+    if not mac:
+        return None, f"the runner has no neighbour entry for {ip}: nothing answered ARP (no L2Advertisement?)"
+    owners = sorted(n for n, m in macs.items() if mac in m)
+    if len(owners) != 1:
+        return None, f"{ip} is at {mac}, which belongs to {owners or 'no node'}; expected exactly one"
+    return owners[0], None
+
+
+def judge_requested_ip(want: str, got: str | None) -> str | None:
+    return None if got == want else f"asked for {want} (metallb.io/loadBalancerIPs), got {got}"
+
+
+def judge_beyond_pool(beyond: str, pool: list[str], ingress, events: list[str]) -> list[str]:
+    """A Service asking for an address outside every pool: no ingress, and an AllocationFailed event."""
+    problems = []
+    if ip_in_pool(beyond, pool):
+        problems.append(f"{beyond} is inside the pool {pool}: the scenario proves nothing")
+    if ingress:
+        problems.append(f"{beyond} is outside the pool {pool} but the Service got {ingress}")
+    if "AllocationFailed" not in events:
+        problems.append(f"no AllocationFailed event (events: {events or 'none'})")
+    return problems
+
+
+def judge_failover(seconds: float | None, bound: float, waited: float | None = None) -> tuple[dict, str | None]:
+    """Measured failover time against the bound (``--failover-seconds``). ``seconds`` None: no failover seen within
+    ``waited`` seconds. The record goes into the JSON report either way."""
+    record = {"failover_bound_seconds": bound, "failover_completed": seconds is not None,
+              "failover_seconds": round(seconds if seconds is not None else (waited or bound), 2)}
+    record["failover_within_bound"] = seconds is not None and seconds <= bound
+    if seconds is None:
+        return record, (f"no failover within the bound of {bound:.0f}s (--failover-seconds): waited "
+                        f"{record['failover_seconds']:.1f}s")
+    if seconds > bound:
+        return record, f"failover took {seconds:.1f}s, over the bound of {bound:.0f}s (--failover-seconds)"
+    return record, None

@@ -10,7 +10,7 @@ import pytest
 
 from conformance import kube as k8s
 from conformance.judge import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
-                               route_mtu)
+                               judge_underlay, route_mtu)
 
 pytestmark = pytest.mark.datapath("observe")  # never while load is held on the nodes
 
@@ -32,10 +32,8 @@ def _underlay(node_facts_by_node: dict, settings) -> dict[str, int]:
 def test_node_underlay_mtu(node_facts, settings, measure):
     underlay = _underlay(node_facts.facts(), settings)
     measure("underlay_mtu", underlay)
-    if settings.underlay_mtu:
-        wrong = {n: m for n, m in underlay.items() if m != settings.underlay_mtu}
-        assert not wrong, f"node underlay MTU differs from the expected {settings.underlay_mtu}: {wrong}"
-    assert len(set(underlay.values())) == 1, f"nodes disagree on the underlay MTU: {underlay}"
+    problems = judge_underlay(underlay, settings.underlay_mtu)
+    assert not problems, "\n".join(problems)
 
 
 def test_pod_route_mtu(node_facts, mtu_pods, session, settings, measure, warn):
