@@ -132,8 +132,10 @@ def route_mtu(facts: dict, who: str = "") -> int:
 MTU_VERDICT_MEANING = {
     "black_hole": "a PMTUD black hole: large packets vanish without an ICMP error",
     "refused": "the TCP bulk connection was refused: nothing listens on the target port (test setup, not MTU)",
-    "unreachable": "the TCP bulk connection was rejected with ICMP unreachable (a policy or route rejects it)",
-    "timeout": "the TCP bulk connection or transfer timed out before any size question was answered",
+    "unreachable": "no UDP echo came back at any size, or the TCP bulk connection was rejected with ICMP "
+                   "unreachable: nothing serves the port, or a policy or route rejects it",
+    "timeout": "the TCP bulk connection timed out before it opened",
+    "tcp_failed": "the TCP bulk transfer failed after connecting, with no sign of lost large datagrams",
     "reset": "the TCP bulk connection was reset by the peer or the path",
     "error": "the probe could not run its measurement",
 }
@@ -466,8 +468,10 @@ def judge_source_preserved(answer: dict | None, client_ip: str) -> str | None:
     """externalTrafficPolicy Local: the backend sees the client's own address."""
     if answer is None:
         return "no HTTP answer through the LoadBalancer IP"
-    if answer.get("peer") != client_ip:
-        return (f"the backend saw {answer.get('peer')}, not the client {client_ip}: the source was NATed "
+    peer = str(answer.get("peer") or "")
+    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or "]:" in peer else peer  # serve's "IP:PORT"
+    if host.strip("[]") != client_ip:
+        return (f"the backend saw {peer}, not the client {client_ip}: the source was NATed "
                 "(externalTrafficPolicy Local not honoured)")
     return None
 
