@@ -114,18 +114,40 @@ def judge_route_mtu(route_mtu: int, expected: int) -> tuple[MtuFinding, str]:
     return MtuFinding.OK, f"pod route MTU {route_mtu} (expected {expected})"
 
 
-def route_mtu(facts: dict) -> int | None:
-    route = facts.get("default_route") or {}
-    return route.get("effective_mtu") or route.get("mtu") or route.get("dev_mtu")
+def route_mtu(facts: dict, who: str = "") -> int:
+    """The MTU the kernel uses on the default route: netprobe facts' ``default_route.effective_mtu`` (IP_MTU, else
+    the rtnetlink metric). Never the device MTU: Cilium leaves eth0 at 1500 and lowers the route. No default route,
+    or a route MTU netprobe could not read, is :class:`NotMeasured` with netprobe's own errors."""
+    route = facts.get("default_route")
+    value = (route or {}).get("effective_mtu")
+    if isinstance(value, int) and value > 0:
+        return value
+    errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in facts.get("errors") or [])
+    what = "no default route" if not route else "the default route's MTU is unknown (effective_mtu null)"
+    raise NotMeasured(f"{who + ': ' if who else ''}{what}" + (f" ({errors})" if errors else "")
+                      + "; the device MTU is not the route MTU, so nothing is judged")
+
+
+#: What each non-ok `netprobe mtu` verdict means; only black_hole is a PMTUD black hole.
+MTU_VERDICT_MEANING = {
+    "black_hole": "a PMTUD black hole: large packets vanish without an ICMP error",
+    "refused": "the TCP bulk connection was refused: nothing listens on the target port (test setup, not MTU)",
+    "unreachable": "no UDP echo came back at any size, or the TCP bulk connection was rejected with ICMP "
+                   "unreachable: nothing serves the port, or a policy or route rejects it",
+    "timeout": "the TCP bulk connection timed out before it opened",
+    "tcp_failed": "the TCP bulk transfer failed after connecting, with no sign of lost large datagrams",
+    "reset": "the TCP bulk connection was reset by the peer or the path",
+    "error": "the probe could not run its measurement",
+}
 
 
 def judge_path_mtu(result: dict, pod_mtu: int, ipv6: bool = False) -> list[str]:
     """`netprobe mtu` between pods: largest DF payload must be exactly pod MTU - 28 (IPv6: - 48), bulk must work."""
     problems = []
     want = pod_mtu - (48 if ipv6 else 28)
-    if result.get("verdict") != "ok":
-        problems.append(f"netprobe mtu verdict {result.get('verdict')!r} (a PMTUD black hole: large packets vanish "
-                        "without an ICMP error)")
+    verdict = result.get("verdict")
+    if verdict != "ok":
+        problems.append(f"netprobe mtu verdict {verdict!r} ({MTU_VERDICT_MEANING.get(verdict, 'unexpected')})")
     got = result.get("largest_udp_payload")
     if got != want:
         problems.append(f"largest DF UDP payload {got}, expected exactly {want} (pod MTU {pod_mtu} - "
@@ -141,16 +163,19 @@ def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where
                    what: str = "counters") -> dict:
     """node -> {counter: increase} for counters that rose between two facts snapshots.
 
-    A node whose snapshot lacks the counters (netprobe could not read them) raises :class:`CounterMissing` with
-    the node and netprobe's own error entries: a missing counter never counts as "no rise"."""
+    A node whose snapshot lacks a counter (null: netprobe could not read it) or whose facts carry ``errors``
+    raises :class:`CounterMissing` with the node and netprobe's own error entries: a missing counter never counts
+    as "no rise"."""
     out, missing = {}, []
     for node in sorted(after):
         for label, doc in (("before", before.get(node)), ("after", after[node])):
             found = where(doc) if doc is not None else None
             absent = [n for n in names if not isinstance((found or {}).get(n), int)]
+            errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
             if absent:
-                errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
                 missing.append(f"{node} ({label}): {', '.join(absent)} unreadable" + (f" ({errors})" if errors else ""))
+            elif errors:  # netprobe says part of this snapshot could not be read: never judged as "no rise"
+                missing.append(f"{node} ({label}): netprobe reported errors ({errors})")
         if missing:
             continue
         a, b = where(before[node]), where(after[node])
@@ -390,3 +415,102 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
                            f"{result.transport_failures} transport failures):\n{text}")
             return result
         sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------- judged as the checks do
+# (pure functions the checks in conformance/test_*.py call, so the fault matrix in tests/netns feeds them real outputs)
+
+
+def judge_underlay(underlay: dict[str, int], expected: int | None) -> list[str]:
+    """Node default-route MTUs: each equals the expected underlay MTU (when given) and all nodes agree."""
+    problems = []
+    if expected:
+        wrong = {n: m for n, m in underlay.items() if m != expected}
+        if wrong:
+            problems.append(f"node underlay MTU differs from the expected {expected}: {wrong}")
+    if len(set(underlay.values())) > 1:
+        problems.append(f"nodes disagree on the underlay MTU: {underlay}")
+    return problems
+
+
+def judge_kernels(kernels: dict[str, str]) -> str | None:
+    old = {n: k for n, k in kernels.items() if not kernel_at_least(k)}
+    if old:
+        return f"kernel older than 5.10 on {old}: Cilium kube-proxy replacement with BPF masquerading needs 5.10+"
+    return None
+
+
+def kube_proxy_daemonsets(daemonsets) -> list[str]:
+    """kube-proxy DaemonSets among API objects (kubernetes client V1DaemonSet): by name or k8s-app label."""
+    return [f"{ds.metadata.namespace}/{ds.metadata.name}" for ds in daemonsets
+            if ds.metadata.name == "kube-proxy" or (ds.metadata.labels or {}).get("k8s-app") == "kube-proxy"]
+
+
+def judge_kpr(node: str, rc: int | None, stdout: str) -> str | None:
+    """`cilium-dbg status` in one agent: KubeProxyReplacement must be active and the command must have worked."""
+    from lab.cilium_status import cilium_kpr
+    active, value = cilium_kpr(stdout or "")
+    if rc != 0 or not active:
+        return f"{node}: KubeProxyReplacement {value} (exit {rc})"
+    return None
+
+
+def judge_backend_answer(answer: dict | None, prefix: str = "backend-") -> str | None:
+    """An HTTP answer through the LoadBalancer IP: `serve --http`'s JSON naming a backend pod."""
+    if answer is None:
+        return "no HTTP answer through the LoadBalancer IP"
+    if not str(answer.get("host", "")).startswith(prefix):
+        return f"answer from an unexpected host: {answer}"
+    return None
+
+
+def judge_source_preserved(answer: dict | None, client_ip: str) -> str | None:
+    """externalTrafficPolicy Local: the backend sees the client's own address."""
+    if answer is None:
+        return "no HTTP answer through the LoadBalancer IP"
+    peer = str(answer.get("peer") or "")
+    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or "]:" in peer else peer  # serve's "IP:PORT"
+    if host.strip("[]") != client_ip:
+        return (f"the backend saw {peer}, not the client {client_ip}: the source was NATed "
+                "(externalTrafficPolicy Local not honoured)")
+    return None
+
+
+def judge_announcer(ip: str, mac: str | None, macs: dict[str, set[str]]) -> tuple[str | None, str | None]:
+    """The runner's neighbour entry for ip -> (the node owning that MAC, problem or None)."""
+    if not mac:
+        return None, f"the runner has no neighbour entry for {ip}: nothing answered ARP (no L2Advertisement?)"
+    owners = sorted(n for n, m in macs.items() if mac in m)
+    if len(owners) != 1:
+        return None, f"{ip} is at {mac}, which belongs to {owners or 'no node'}; expected exactly one"
+    return owners[0], None
+
+
+def judge_requested_ip(want: str, got: str | None) -> str | None:
+    return None if got == want else f"asked for {want} (metallb.io/loadBalancerIPs), got {got}"
+
+
+def judge_beyond_pool(beyond: str, pool: list[str], ingress, events: list[str]) -> list[str]:
+    """A Service asking for an address outside every pool: no ingress, and an AllocationFailed event."""
+    problems = []
+    if ip_in_pool(beyond, pool):
+        problems.append(f"{beyond} is inside the pool {pool}: the scenario proves nothing")
+    if ingress:
+        problems.append(f"{beyond} is outside the pool {pool} but the Service got {ingress}")
+    if "AllocationFailed" not in events:
+        problems.append(f"no AllocationFailed event (events: {events or 'none'})")
+    return problems
+
+
+def judge_failover(seconds: float | None, bound: float, waited: float | None = None) -> tuple[dict, str | None]:
+    """Measured failover time against the bound (``--failover-seconds``). ``seconds`` None: no failover seen within
+    ``waited`` seconds. The record goes into the JSON report either way."""
+    record = {"failover_bound_seconds": bound, "failover_completed": seconds is not None,
+              "failover_seconds": round(seconds if seconds is not None else (waited or bound), 2)}
+    record["failover_within_bound"] = seconds is not None and seconds <= bound
+    if seconds is None:
+        return record, (f"no failover within the bound of {bound:.0f}s (--failover-seconds): waited "
+                        f"{record['failover_seconds']:.1f}s")
+    if seconds > bound:
+        return record, f"failover took {seconds:.1f}s, over the bound of {bound:.0f}s (--failover-seconds)"
+    return record, None

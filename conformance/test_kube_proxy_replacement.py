@@ -5,8 +5,7 @@ Also reports every node's kernel: Cilium's eBPF datapath with kube-proxy replace
 """
 from __future__ import annotations
 
-from conformance.judge import NotMeasured, kernel_at_least, kube_proxy_findings
-from lab.cilium_status import cilium_kpr
+from conformance.judge import NotMeasured, judge_kernels, judge_kpr, kube_proxy_daemonsets, kube_proxy_findings
 
 #: Prints yes / no / none (neither tool present). A tool that is present but fails exits non-zero with its error:
 #: pipefail, and grep's "no match" (1) told apart from a failure (>1), so a broken iptables-save is never "no rules".
@@ -29,8 +28,7 @@ def parse_rules_answer(node: str, rc, stdout: str, stderr: str) -> bool | None:
 
 
 def test_no_kube_proxy_daemonset(kube):
-    found = [f"{ds.metadata.namespace}/{ds.metadata.name}" for ds in kube.apps.list_daemon_set_for_all_namespaces().items
-             if ds.metadata.name == "kube-proxy" or (ds.metadata.labels or {}).get("k8s-app") == "kube-proxy"]
+    found = kube_proxy_daemonsets(kube.apps.list_daemon_set_for_all_namespaces().items)
     assert not found, (f"kube-proxy DaemonSet(s) present: {', '.join(found)}; with Cilium kube-proxy replacement "
                        "they must not exist (kubeadm init --skip-phases=addon/kube-proxy)")
 
@@ -49,8 +47,8 @@ def test_no_kube_proxy_process_or_rules(node_facts, measure):
 def test_kernels_support_the_ebpf_datapath(node_facts, measure):
     kernels = {node: f.get("kernel") for node, f in node_facts.facts().items()}
     measure("kernels", kernels)
-    old = {n: k for n, k in kernels.items() if not kernel_at_least(k)}
-    assert not old, f"kernel older than 5.10 on {old}: Cilium kube-proxy replacement with BPF masquerading needs 5.10+"
+    problem = judge_kernels(kernels)
+    assert not problem, problem
 
 
 def test_cilium_reports_kube_proxy_replacement(kube, session, measure):
@@ -59,8 +57,8 @@ def test_cilium_reports_kube_proxy_replacement(kube, session, measure):
     problems = []
     for pod in agents:
         res = session.exec("kube-system", pod.metadata.name, ["cilium-dbg", "status"], 60, container="cilium-agent")
-        active, value = cilium_kpr(res.stdout)
-        if res.rc != 0 or not active:
-            problems.append(f"{pod.spec.node_name}: KubeProxyReplacement {value} (exit {res.rc})")
+        problem = judge_kpr(pod.spec.node_name, res.rc, res.stdout)
+        if problem:
+            problems.append(problem)
     measure("agents", len(agents))
     assert not problems, "Cilium does not report kube-proxy replacement active:\n  " + "\n  ".join(problems)

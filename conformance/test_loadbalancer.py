@@ -17,7 +17,8 @@ import time
 import pytest
 
 from conformance import kube as k8s
-from conformance.judge import ip_in_pool, outside_pool_address, parse_link_macs, parse_neighbour
+from conformance.judge import (ip_in_pool, judge_announcer, judge_backend_answer, judge_failover, judge_requested_ip,
+                               judge_source_preserved, outside_pool_address, parse_link_macs, parse_neighbour)
 from lab.errors import WaitTimeout
 from lab.wait import wait_for
 
@@ -36,6 +37,11 @@ def http_get(ip: str, port: int = 80, timeout: float = 2.0) -> dict | None:
     if res.returncode != 0:
         raise k8s.ProbeFailed(f"netprobe connect on the runner failed (exit {res.returncode}): {res.stderr[:300]}")
     [row] = json.loads(res.stdout)
+    return http_answer(row)
+
+
+def http_answer(row: dict) -> dict | None:
+    """One `netprobe connect .../http` row -> the backend's JSON body, or None when nothing answered."""
     if row["verdict"] != "connected":
         return None
     try:
@@ -104,7 +110,8 @@ def _wait_http(ip: str, seconds: float) -> dict:
 def test_http_from_runner_reaches_a_backend(lb, measure):
     answer = _wait_http(lb["ip"], 60)
     measure("backend", answer["host"])
-    assert answer["host"].startswith("backend-"), f"answer from an unexpected host: {answer}"
+    problem = judge_backend_answer(answer)
+    assert not problem, problem
 
 
 def _taint(t) -> dict:
@@ -118,15 +125,14 @@ def node_macs(node_facts) -> dict[str, set[str]]:
 def announcing_node(ip: str, macs: dict[str, set[str]]) -> tuple[str | None, str | None, list[str]]:
     mac = neighbour_mac(ip)
     owners = [n for n, m in macs.items() if mac and mac in m]
-    return (owners[0] if len(owners) == 1 else None), mac, owners
+    return judge_announcer(ip, mac, macs)[0], mac, owners
 
 
 def test_neighbour_entry_maps_to_exactly_one_node(lb, node_facts, measure):
     _wait_http(lb["ip"], 60)
-    node, mac, owners = announcing_node(lb["ip"], node_macs(node_facts))
+    node, problem = judge_announcer(lb["ip"], neighbour_mac(lb["ip"]), node_macs(node_facts))
     measure("announcing_node", node)
-    assert mac, f"the runner has no neighbour entry for {lb['ip']}: nothing answered ARP (no L2Advertisement?)"
-    assert len(owners) == 1, f"{lb['ip']} is at {mac}, which belongs to {owners or 'no node'}; expected exactly one"
+    assert not problem, problem
 
 
 def test_requested_ip_is_honoured(lb, kube, settings, measure):
@@ -136,7 +142,8 @@ def test_requested_ip_is_honoured(lb, kube, settings, measure):
     kube.core.create_namespaced_service(lb["ns"], lb_service("lb-requested", {"metallb.io/loadBalancerIPs": want}))
     got = wait_ingress(kube, lb["ns"], "lb-requested", settings.wait_seconds)
     measure("requested_ip", want)
-    assert got == want, f"asked for {want} (metallb.io/loadBalancerIPs), got {got}"
+    problem = judge_requested_ip(want, got)
+    assert not problem, problem
 
 
 def test_request_beyond_pool_stays_pending_with_event(lb, kube, settings, measure):
@@ -162,8 +169,8 @@ def test_external_traffic_policy_local_preserves_source_ip(lb, kube, settings, r
     ip = wait_ingress(kube, lb["ns"], "lb-local", settings.wait_seconds)
     answer = _wait_http(ip, 60)
     measure("peer_seen_by_backend", answer["peer"])
-    assert answer["peer"] == runner_ip, (f"the backend saw {answer['peer']}, not the client {runner_ip}: the source "
-                                         "was NATed (externalTrafficPolicy Local not honoured)")
+    problem = judge_source_preserved(answer, runner_ip)
+    assert not problem, problem
 
 
 @pytest.mark.disruptive
@@ -188,17 +195,18 @@ def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
             state = f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
             return (True, now) if done else (False, state)
         bound = settings.failover_seconds
-        measure("failover_bound_seconds", bound)
+        seconds, after, waited = None, None, ""
         try:
             after = wait_for(f"{lb['ip']} to answer from a node other than {before}", bound, check, interval=0.2,
                              hint="raise --failover-seconds only if this failover time is acceptable in production")
+            seconds = time.monotonic() - started
         except WaitTimeout as exc:
-            measure("failover_seconds", round(time.monotonic() - started, 2))
-            pytest.fail(f"no failover within the bound of {bound:.0f}s (--failover-seconds): {exc}", pytrace=False)
-        seconds = time.monotonic() - started
+            waited = str(exc)
+        record, problem = judge_failover(seconds, bound, time.monotonic() - started)
     finally:
         current = kube.core.read_node(before).spec.taints or []
         kube.core.patch_node(before, {"spec": {"taints": [_taint(t) for t in current if t.key != FAILOVER_TAINT]}})
-    measure("failover_seconds", round(seconds, 2))
+    for key, value in record.items():  # measured time against the bound, in the JSON report either way
+        measure(key, value)
     measure("failover", f"{before} -> {after}")
-    assert seconds <= bound, f"failover took {seconds:.1f}s, over the bound of {bound:.0f}s (--failover-seconds)"
+    assert not problem, problem + (f": {waited}" if waited else "")

@@ -10,7 +10,7 @@ import pytest
 
 from conformance import kube as k8s
 from conformance.judge import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
-                               route_mtu)
+                               judge_underlay, route_mtu)
 
 pytestmark = pytest.mark.datapath("observe")  # never while load is held on the nodes
 
@@ -25,17 +25,15 @@ def mtu_pods(session, kube):
 
 
 def _underlay(node_facts_by_node: dict, settings) -> dict[str, int]:
-    return {node: route_mtu(f) for node, f in node_facts_by_node.items()}
+    """node -> the MTU the kernel uses on the node's default route; NotMeasured (the check errors) when unread."""
+    return {node: route_mtu(f, node) for node, f in node_facts_by_node.items()}
 
 
 def test_node_underlay_mtu(node_facts, settings, measure):
     underlay = _underlay(node_facts.facts(), settings)
     measure("underlay_mtu", underlay)
-    assert all(underlay.values()), f"could not read the default route's MTU on some node: {underlay}"
-    if settings.underlay_mtu:
-        wrong = {n: m for n, m in underlay.items() if m != settings.underlay_mtu}
-        assert not wrong, f"node underlay MTU differs from the expected {settings.underlay_mtu}: {wrong}"
-    assert len(set(underlay.values())) == 1, f"nodes disagree on the underlay MTU: {underlay}"
+    problems = judge_underlay(underlay, settings.underlay_mtu)
+    assert not problems, "\n".join(problems)
 
 
 def test_pod_route_mtu(node_facts, mtu_pods, session, settings, measure, warn):
@@ -44,7 +42,7 @@ def test_pod_route_mtu(node_facts, mtu_pods, session, settings, measure, warn):
     findings, measured = [], {}
     for node, (pod, _ip) in sorted(pods.items()):
         expected = expected_pod_mtu(settings.underlay_mtu or underlay[node], settings.tunnel)
-        got = route_mtu(session.netprobe(ns, pod, ["facts"]))
+        got = route_mtu(session.netprobe(ns, pod, ["facts"]), f"{node}: {ns}/{pod}")
         measured[node] = got
         finding, text = judge_route_mtu(got, expected)
         if finding is MtuFinding.WASTEFUL:
@@ -64,7 +62,7 @@ def test_path_mtu_between_nodes(node_facts, mtu_pods, session, settings, measure
     before = node_facts.facts()
     result = session.netprobe(ns, pod_a, ["mtu", "--to", f"{ip_b}:{PORT}", "--bulk-mib", "8"], timeout=120)
     after = node_facts.facts()
-    underlay = settings.underlay_mtu or route_mtu(before[node_a])
+    underlay = settings.underlay_mtu or route_mtu(before[node_a], node_a)
     pod_mtu = expected_pod_mtu(underlay, settings.tunnel)
     measure("path_mtu", result.get("path_mtu"))
     measure("largest_udp_payload", result.get("largest_udp_payload"))

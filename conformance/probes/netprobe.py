@@ -12,6 +12,8 @@ Exit codes: 0 the probe ran (whatever it found), 2 bad arguments, 1 could not ru
           [--dns-name NAME] [--dns-type A|AAAA]
   mtu     --to HOST:PORT [--max BYTES] [--bulk-mib N] [--bulk-timeout S] [--timeout S] [--retries N]
   load    --to HOST:PORT[,PORT...] --connections N --rate R --hold S --timeout S [--source A,B]
+          [--verify-timeout S]: at the end of the hold one byte goes out on each held connection;
+          `verified` counts those whose byte `serve --tcp` echoed back
   facts
   arp     --iface IF --ip VIP [--count N] [--interval S] [--window S]
           ARP who-has VIP on a raw AF_PACKET socket (needs CAP_NET_RAW); every reply in the window, by
@@ -48,6 +50,10 @@ UNREACHABLE, RESET, ERROR = "unreachable", "reset", "error"
 IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU, IP_BIND_ADDRESS_NO_PORT = 10, 2, 14, 24
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
 TCP_ESTABLISHED = 1
+#: `load` sends this one byte on every held connection at the end of the hold; `serve --tcp` answers a
+#: connection whose first data is exactly this byte with the same byte (bulk data is NUL bytes, the greeting is
+#: JSON, which escapes control characters: neither can be mistaken for it).
+VERIFY_BYTE = b"\x06"
 
 TUNING_SYSCTLS = (
     "net.netfilter.nf_conntrack_max",
@@ -205,14 +211,15 @@ def peer_text(addr) -> str:
 
 
 SERVE_COUNTERS = ("accepted", "tcp_bytes", "udp_echoed", "udp_errors", "max_open", "accept_errors",
-                  "greet_errors", "http_requests", "http_bad_requests")
+                  "greet_errors", "http_requests", "http_bad_requests", "verify_answered")
 HTTP_MAX_REQUEST = 16384
 
 
 class ServeWorker:
     """One process: its own SO_REUSEPORT listeners, an epoll loop, many held connections.
 
-    TCP (--tcp): greets with a JSON line naming the host, then sinks bytes and confirms the count at EOF.
+    TCP (--tcp): greets with a JSON line naming the host, then sinks bytes and confirms the count at EOF; a
+    connection whose first data is exactly VERIFY_BYTE gets that byte back (`load`'s end-to-end check).
     HTTP (--http): answers each GET with a JSON body naming the host, then closes."""
 
     def __init__(self, listeners, udp_socks, http_listeners=()):
@@ -321,6 +328,12 @@ class ServeWorker:
         except OSError:
             data = None
         if data:
+            if entry[1] == 0 and data == VERIFY_BYTE:
+                self.stats["verify_answered"] += 1
+                try:
+                    conn.send(VERIFY_BYTE)
+                except OSError:
+                    self.stats["greet_errors"] += 1
             entry[1] += len(data)
             self.stats["tcp_bytes"] += len(data)
             return
@@ -962,7 +975,11 @@ def cmd_mtu(args) -> dict:
 # ---------------------------------------------------------------- load
 
 class LoadWorker:
-    """Open `count` connections at `rate`/s with raw non-blocking sockets, hold, close."""
+    """Open `count` connections at `rate`/s with raw non-blocking sockets, hold, verify, close.
+
+    Verify: at the end of the hold, VERIFY_BYTE goes out on every connection still ESTABLISHED, and one counts
+    as `verified` once that byte comes back (`serve --tcp` echoes it) within `verify_timeout` seconds: proof the
+    datapath still carries the flow end to end, not only that the client's socket believes it is open."""
 
     def __init__(self, plan):
         self.p = plan
@@ -972,7 +989,8 @@ class LoadWorker:
         self.est = {}
         self.ms = []
         self.c = {"established": 0, "timeouts": 0, "refused": 0, "resets": 0, "closed_by_peer": 0,
-                  "failed": 0, "held": 0, "opened": 0}
+                  "failed": 0, "held": 0, "opened": 0, "verify_sent": 0, "verified": 0, "verify_timeouts": 0,
+                  "verify_closed": 0}
         self.errors = {}
         self.first = self.last = None
 
@@ -988,9 +1006,43 @@ class LoadWorker:
         while time.monotonic() < hold_end:
             self.poll(min(0.2, max(0.0, hold_end - time.monotonic())))
         self.c["held"] = sum(1 for s in self.est.values() if tcp_state(s) == TCP_ESTABLISHED)
+        self.verify()
         self.close_all()
         self.c["failed"] = p["count"] - self.c["established"]
         return {"counts": self.c, "errors": self.errors, "ms": self.ms, "first": self.first, "last": self.last}
+
+    def verify(self):
+        waiting = {}
+        for fd, sock in self.est.items():
+            if tcp_state(sock) != TCP_ESTABLISHED:  # not held: already counted, no events from it from now on
+                self.ep.unregister(fd)
+                continue
+            try:
+                sock.send(VERIFY_BYTE)
+            except OSError:
+                self.c["verify_closed"] += 1
+                self.ep.unregister(fd)
+                continue
+            waiting[fd] = sock
+            self.ep.modify(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self.c["verify_sent"] = len(waiting)
+        deadline = time.monotonic() + self.p["verify_timeout"]
+        while waiting and time.monotonic() < deadline:
+            for fd, _ in self.ep.poll(min(0.2, max(0.0, deadline - time.monotonic())), 1024):
+                sock = waiting.get(fd)
+                if sock is None:
+                    continue
+                try:
+                    data = sock.recv(65536)  # the greeting (never read during the hold) comes first
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if VERIFY_BYTE in data or not data:
+                    self.c["verified" if data else "verify_closed"] += 1
+                    del waiting[fd]
+                    self.ep.unregister(fd)
+        self.c["verify_timeouts"] = len(waiting)
 
     def due(self, elapsed):
         if not self.p["rate"]:
@@ -1102,7 +1154,8 @@ def load_plan(args, cap):
                                   math.ceil(args.connections / cap))
     share = [args.connections // workers + (1 if i < args.connections % workers else 0) for i in range(workers)]
     return [{"targets": targets, "sources": args.source, "count": n, "rate": args.rate / workers,
-             "timeout": args.timeout, "hold": args.hold, "offset": i} for i, n in enumerate(share) if n]
+             "timeout": args.timeout, "hold": args.hold, "offset": i, "verify_timeout": args.verify_timeout}
+            for i, n in enumerate(share) if n]
 
 
 def cmd_load(args) -> dict:
@@ -1116,7 +1169,8 @@ def cmd_load(args) -> dict:
     if bad:
         raise CannotRun("load worker failed: %s" % bad[0])
     out = {k: sum(r["counts"][k] for r in results)
-           for k in ("established", "failed", "resets", "timeouts", "refused", "closed_by_peer", "held")}
+           for k in ("established", "failed", "resets", "timeouts", "refused", "closed_by_peer", "held",
+                     "verify_sent", "verified", "verify_timeouts", "verify_closed")}
     errors = {}
     for r in results:
         for name, n in r["errors"].items():
@@ -1128,7 +1182,7 @@ def cmd_load(args) -> dict:
     out.update({"requested": args.connections, "errors": errors, "workers": len(plans),
                 "open_rate_per_s": round(out["established"] / span, 1) if span > 0 else 0.0,
                 "connect_ms_p50": percentile(ms, 0.50), "connect_ms_p99": percentile(ms, 0.99),
-                "open_seconds": round(span, 3), "hold_seconds": args.hold,
+                "open_seconds": round(span, 3), "hold_seconds": args.hold, "verify_timeout": args.verify_timeout,
                 "seconds": round(time.monotonic() - started, 3),
                 "to": "%s:%s" % (args.to[0], ",".join(map(str, args.to[1]))), "sources": args.source or []})
     return out
@@ -1696,6 +1750,9 @@ def build_parser() -> Parser:
     ld.add_argument("--source", type=lambda t: [a.strip() for a in t.split(",") if a.strip()], default=None,
                     help="comma-separated local source addresses, used round-robin")
     ld.add_argument("--workers", type=positive(int), default=0, help="processes (default: from N and the fd limit)")
+    ld.add_argument("--verify-timeout", type=positive(float), default=5.0,
+                    help="seconds to wait, after the hold, for the byte sent on each held connection to come back "
+                         "(`verified`: answered by `serve --tcp`)")
 
     sub.add_parser("facts", help="sysctls, MTUs, conntrack and fragment counters, kube-proxy presence")
 

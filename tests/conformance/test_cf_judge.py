@@ -14,7 +14,7 @@ import pytest
 
 from conformance import report
 from conformance.expect import Expect, Target, TruthTable, Verdict, mismatches, observed_table, render_diff
-from conformance.judge import (MtuFinding, conntrack_deltas, default_connections, expected_pod_mtu,
+from conformance.judge import (MtuFinding, NotMeasured, conntrack_deltas, default_connections, expected_pod_mtu,
                                fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_route_mtu,
                                kernel_at_least, kube_proxy_findings, outside_pool_address, parse_link_macs,
                                parse_neighbour, poll_table, route_mtu, sysctl_table)
@@ -182,8 +182,13 @@ def test_fragmenting_overlay_is_caught_by_payload_and_counters():
     before, after = (fixture("facts_node1_before_fragmentation_vxlan"),
                      fixture("facts_node1_after_fragmentation_vxlan"))
     rose = fragment_deltas({"node1": before}, {"node1": after})
-    assert rose["node1"]["FragCreates"] == 2898
+    assert rose["node1"]["FragCreates"] == 2898  # from the capture (tests/fixtures/netprobe, NETPROBE_CAPTURE=1)
     assert fragment_deltas({"node1": before}, {"node1": before}) == {}
+    geneve = fixture("mtu_fragmenting_geneve")
+    assert judge_path_mtu(geneve, 1450) == ["largest DF UDP payload 1472, expected exactly 1422 (pod MTU 1450 - 28)"]
+    rose = fragment_deltas({"node1": fixture("facts_node1_before_fragmentation_geneve")},
+                           {"node1": fixture("facts_node1_after_fragmentation_geneve")})
+    assert rose["node1"]["FragCreates"] == 3316  # from the capture
 
 
 def test_healthy_path_mtu_from_a_real_loopback_run():
@@ -213,24 +218,70 @@ def test_healthy_path_mtu_from_a_real_loopback_run():
 
 
 def test_route_mtu_from_facts():
-    assert route_mtu(fixture("facts_clean_netns")) is None  # no default route in an empty namespace
+    with pytest.raises(NotMeasured, match="pod1: no default route"):
+        route_mtu(fixture("facts_clean_netns"), "pod1")  # an empty namespace: nothing to judge, never 1500
+    assert route_mtu(fixture("facts_cilium_pod_route_mtu_1450")) == 1450  # eth0 1500, route mtu 1450
     assert route_mtu({"default_route": {"mtu": None, "dev_mtu": 1500, "effective_mtu": 1450}}) == 1450
+
+
+def test_route_mtu_unknown_is_not_measured_never_the_device_mtu():
+    facts = copy.deepcopy(fixture("facts_cilium_pod_route_mtu_1450"))
+    facts["default_route"].update(effective_mtu=None, kernel_mtu=None, mtu=None, source="/proc/net/route")
+    facts["errors"] = [{"what": "default_route.effective_mtu", "error": "neither rtnetlink nor IP_MTU answered"}]
+    with pytest.raises(NotMeasured, match=r"effective_mtu null.*neither rtnetlink nor IP_MTU answered"):
+        route_mtu(facts)  # old code: fell back to dev_mtu 1500 and judged TOO_LARGE on a healthy Cilium pod
+
+
+@pytest.mark.parametrize("name,verdict,says", [
+    ("mtu_bulk_refused", "refused", "nothing listens on the target port"),
+    ("mtu_black_hole_vxlan", "black_hole", "a PMTUD black hole"),
+    ("mtu_cilium_black_hole", "black_hole", "a PMTUD black hole"),
+])
+def test_path_mtu_names_what_happened(name, verdict, says):
+    doc = fixture(name)
+    assert doc["verdict"] == verdict
+    first = judge_path_mtu(doc, 1450)[0]
+    assert first.startswith(f"netprobe mtu verdict {verdict!r} (") and says in first
+    if verdict != "black_hole":
+        assert "black hole" not in " ".join(judge_path_mtu(doc, 1450))
+
+
+@pytest.mark.parametrize("verdict", ["refused", "unreachable", "timeout", "reset", "error"])
+def test_only_black_hole_is_called_a_black_hole(verdict):
+    doc = dict(fixture("mtu_bulk_refused"), verdict=verdict)
+    assert "black hole" not in judge_path_mtu(doc, 1450)[0]
+
+
+def test_counters_are_not_measured_when_null_or_facts_carry_errors():
+    before = fixture("facts_node1_before_fragmentation_vxlan")
+    null = copy.deepcopy(before)
+    null["ip_fragments"]["FragCreates"] = None
+    with pytest.raises(NotMeasured, match=r"node1 \(after\): FragCreates unreadable"):
+        fragment_deltas({"node1": before}, {"node1": null})
+    errored = copy.deepcopy(before)
+    errored["errors"] = [{"what": "/proc/net/snmp", "error": "Permission denied"}]
+    with pytest.raises(NotMeasured, match=r"node1 \(after\): netprobe reported errors \(/proc/net/snmp: Permission"):
+        fragment_deltas({"node1": before}, {"node1": errored})
 
 
 # ---------------------------------------------------------------------------------------------- load, conntrack
 
 
-def verified(doc: dict, n: int | None = None) -> dict:
-    return dict(doc, verified=doc["held"] if n is None else n)
-
-
 def test_load_healthy_and_limited():
-    total, problems = judge_load([verified(fixture("load_healthy"))])
+    total, problems = judge_load([fixture("load_healthy")])  # real `verified` from netprobe, echoed by serve
     assert problems == [] and total["established"] == total["requested"] == total["verified"]
-    total, problems = judge_load([verified(fixture("load_healthy")), verified(fixture("load_conn_limited"))])
+    total, problems = judge_load([fixture("load_healthy"), fixture("load_conn_limited")])
     assert "500 of 1500" not in " ".join(problems)  # summed over clients
     assert problems[0].startswith(f"{total['established']} of {total['requested']} connections established")
     assert "1000 connections failed (1000 timeouts)" in problems
+
+
+def test_load_with_the_server_dropping_mid_hold_is_held_but_not_verified():
+    doc = fixture("load_server_drops_mid_hold")
+    total, problems = judge_load([doc])
+    assert total["held"] == doc["held"] and total["verified"] == doc["verified"] < doc["held"]
+    assert problems == [f"only {doc['verified']} of {doc['established']} held connections carried a byte end to "
+                        "end at the end of the hold (the datapath forgot or broke the rest)"]
 
 
 def test_conntrack_counters_rising_are_reported():

@@ -42,10 +42,30 @@ def test_load_holds_every_connection_and_the_dnat_node_tracks_them(lab, service)
     capture("load_healthy", result)
     capture("facts_dnat_node_under_load", node_facts)
     assert (result["requested"], result["established"], result["held"]) == (N, N, N)
+    assert result["verified"] == result["verify_sent"] == result["held"]  # serve echoed the byte on every one
     assert result["failed"] == result["timeouts"] == result["resets"] == 0
     assert result["open_rate_per_s"] > 0 and result["connect_ms_p50"] <= result["connect_ms_p99"]
     assert node_facts["conntrack"]["count"] >= N  # the DNAT rule makes node1 track every flow
     assert pod_facts["conntrack"]["count"] == 0  # no rule needs conntrack in pod2: it tracks nothing
+
+
+SERVER_DROPS_INPUT = "table inet blackhole {\n chain input { type filter hook input priority 0; tcp dport 8080 drop; }\n}\n"
+
+
+def test_load_verifies_fewer_than_held_when_the_server_silently_drops_mid_hold(lab, service):
+    """Connections established, then the server's namespace drops everything arriving on 8080 (no RST, no ICMP):
+    the client's sockets still say ESTABLISHED (held), but no byte comes back (verified 0)."""
+    n = 300
+    proc = lab.spawn(service.pod1, [sys.executable, str(NETPROBE)] + load_args(n, hold="4")
+                     + ["--verify-timeout", "2"])
+    wait_for_count(lab, service.node1, n)  # every flow established and tracked by the DNAT node
+    lab.nft(service.pod2, SERVER_DROPS_INPUT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    capture("load_server_drops_mid_hold", result)
+    assert result["established"] == result["held"] == n
+    assert result["verify_sent"] == n and result["verified"] == 0 and result["verify_timeouts"] == n
 
 
 def test_load_reports_failures_when_new_flows_are_dropped_over_a_limit(lab, service):

@@ -1,0 +1,648 @@
+"""The fault matrix (issue 9): every collected conformance check, on real kernels, once where it must FAIL with the
+right message and once where it must PASS. Probes run as in a pod (tests/netns/podrun.py: the image's Python, PATH
+with only python3, uid 65534; node-side facts as uid 0), in the Cilium layout of topo.build_cilium (pod eth0 1500,
+route MTU 1450 over VXLAN between two node namespaces, node1 answering ARP for the LB VIP, a runner on the same
+L2), and their JSON goes to the SAME judge function the check calls (conformance/judge.py, check.py, pod_tuning.py,
+lab/cilium_status.py). Checks whose measurement is an API object or a Cilium agent's output judge real client
+objects / captured agent output; conformance/README.md's table says what stays unprovable without a cluster.
+MATRIX maps each collected check to its scenarios; test_matrix_covers_every_collected_check keeps them in sync."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import topo
+from podrun import PROBE_PYTHON, node_probe, pod_probe, pod_shell, pod_spawn
+from conformance.check import NoBarrier, PolicyCheck, run_policy_check
+from conformance.expect import Expect, Target, TruthTable, observed_table
+from conformance.judge import (MtuFinding, NotMeasured, conntrack_deltas, expected_pod_mtu, fragment_deltas,
+                               ip_in_pool, judge_announcer, judge_backend_answer, judge_beyond_pool, judge_ct_capacity,
+                               judge_ct_rise, judge_failover, judge_kernels, judge_kpr, judge_load, judge_path_mtu,
+                               judge_requested_ip, judge_route_mtu, judge_source_preserved, judge_underlay,
+                               kube_proxy_daemonsets, kube_proxy_findings, nf_conntrack_reading, parse_link_macs,
+                               parse_neighbour, route_mtu, sysctl_table)
+from conformance.pod_tuning import NODE_RP_FILTER_SCRIPT, judge_node_rp_filter, judge_pod_sysctls, parse_rp_filter_lines
+from conformance.test_kube_proxy_replacement import RULES_SCRIPT, parse_rules_answer
+from conformance.test_loadbalancer import http_answer
+from lab.sysctl import parse_values, read_command
+
+REPO = Path(__file__).resolve().parents[2]
+VIP, RUNNER = topo.CIL_LB_VIP, topo.CIL_RUNNER
+POD_MTU = expected_pod_mtu(1500, "vxlan")  # 1450
+
+# collected check -> the matrix tests proving it fails on its fault and passes when healthy
+MATRIX = {
+    "test_tuning.py::test_node_sysctls_match_expected": ["test_tuning__sysctl_not_applied__fails",
+                                                          "test_tuning__applied__passes"],
+    "test_kube_proxy_replacement.py::test_no_kube_proxy_daemonset": ["test_kp_daemonset__present__fails",
+                                                                     "test_kp_daemonset__absent__passes"],
+    "test_kube_proxy_replacement.py::test_no_kube_proxy_process_or_rules": [
+        "test_kp_rules__kube_proxy_nft_table__fails", "test_kp_rules__iptables_save_broken__errors",
+        "test_kp_rules__clean_node__passes"],
+    "test_kube_proxy_replacement.py::test_kernels_support_the_ebpf_datapath": ["test_kernel__uname_2_6__fails",
+                                                                               "test_kernel__this_kernel__passes"],
+    "test_kube_proxy_replacement.py::test_cilium_reports_kube_proxy_replacement": [
+        "test_cilium_kpr__false_or_exec_failed__fails", "test_cilium_kpr__captured_status__passes"],
+    "test_loadbalancer.py::test_ip_from_pool_within_deadline": ["test_lb_pool__vip_outside_pool__fails",
+                                                                "test_lb_pool__vip_inside_pool__passes"],
+    "test_loadbalancer.py::test_http_from_runner_reaches_a_backend": ["test_lb_http__node_drops_forward__fails",
+                                                                      "test_lb_http__healthy__passes"],
+    "test_loadbalancer.py::test_neighbour_entry_maps_to_exactly_one_node": ["test_lb_neigh__nobody_answers_arp__fails",
+                                                                            "test_lb_neigh__node1_answers__passes"],
+    "test_loadbalancer.py::test_requested_ip_is_honoured": ["test_lb_requested__other_ip__fails",
+                                                            "test_lb_requested__honoured__passes"],
+    "test_loadbalancer.py::test_request_beyond_pool_stays_pending_with_event": [
+        "test_lb_beyond__got_an_ip__fails", "test_lb_beyond__pending_with_event__passes"],
+    "test_loadbalancer.py::test_external_traffic_policy_local_preserves_source_ip": [
+        "test_lb_local__masqueraded__fails", "test_lb_local__dnat_to_local_pod__passes"],
+    "test_loadbalancer.py::test_failover_to_another_node": ["test_lb_failover__nobody_takes_over__fails",
+                                                            "test_lb_failover__node2_takes_over__passes"],
+    "test_mtu.py::test_node_underlay_mtu": ["test_underlay__node2_at_1400__fails", "test_underlay__1500__passes"],
+    "test_mtu.py::test_pod_route_mtu": ["test_route_mtu__geneve1460__fails", "test_route_mtu__unset_1500__fails",
+                                        "test_route_mtu__cilium_1450__passes"],
+    "test_mtu.py::test_path_mtu_between_nodes": ["test_mtu__geneve1460_black_hole__fails",
+                                                 "test_mtu__nothing_listens__fails", "test_mtu__healthy__passes"],
+    "test_conntrack.py::test_connections_held_without_loss[clusterip]": [
+        "test_ct_clusterip__server_drops_mid_hold__fails", "test_ct_clusterip__peak_over_table__fails",
+        "test_ct_clusterip__healthy__passes"],
+    "test_conntrack.py::test_connections_held_without_loss[loadbalancer]": [
+        "test_ct_lb__table_that_does_not_see_the_flows__fails", "test_ct_lb__healthy__passes"],
+    "test_default_deny.py::test_step1_no_policy_everything_connects": ["test_deny_step1__datapath_drops__fails",
+                                                                       "test_deny_step1__healthy__passes"],
+    "test_default_deny.py::test_step2_default_deny_blocks_everything_in_and_out": [
+        "test_deny_step2__not_enforced__fails", "test_deny_step2__dead_target_baseline__fails",
+        "test_deny_step2__enforced__passes"],
+    "test_default_deny.py::test_step3_only_dns_and_frontend_to_backend_pass": [
+        "test_deny_step3__allows_every_port__fails", "test_deny_step3__one_port__passes"],
+    "test_pod_tuning.py::test_pods_get_the_sysctls_the_lab_claims": ["test_pod_sysctls__global_claim_wrong__fails",
+                                                                     "test_pod_sysctls__claims_hold__passes"],
+    "test_pod_tuning.py::test_rp_filter_on_pod_devices": ["test_rp_filter__all_strict__fails",
+                                                          "test_rp_filter__off__passes"],
+}
+
+
+@pytest.fixture(scope="module")
+def cil(root):
+    """One healthy Cilium layout for the read-only PASS scenarios (faults build their own)."""
+    lab = topo.Lab()
+    try:
+        c = topo.build_cilium(lab, route_mtu=1450)
+        for node in (c.node1, c.node2):  # the nodes' default route: the underlay MTU check reads it
+            lab.ip(node, "route", "add", "default", "via", RUNNER, "dev", "lan0")
+        lab.serve(c.pod2, tcp="7000", udp="7000", http="8080", hostname="backend-pod2")
+        yield c
+    finally:
+        lab.close()
+
+
+def test_probe_runs_as_in_a_pod(cil):
+    doc = pod_probe(cil.lab, cil.pod1, "facts")
+    assert doc["errors"] == [] and doc["default_route"]["effective_mtu"] == 1450
+    res = subprocess.run(["ip", "netns", "exec", cil.pod1, "env", "-i", "PATH=" + str(cil.lab.tmp / "pod-bin"),
+                          "python3", "-c", "import os,shutil,sys; print(os.getuid() if False else sys.version_info[:2],"
+                          " [t for t in ('ip','iptables','nft','conntrack','sh') if shutil.which(t)])"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip() == "%s []" % (tuple(int(x) for x in
+                                                  Path(PROBE_PYTHON).name.replace("python", "").split(".")[:2])
+                                            if Path(PROBE_PYTHON).name != "python" and "." in Path(PROBE_PYTHON).name
+                                            else sys.version_info[:2],)
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+TUNING = {"net.core.somaxconn": "8192", "net.ipv4.tcp_max_syn_backlog": "8192", "net.ipv4.ip_forward": "1"}
+
+
+def _node_sysctls(lab, apply: dict) -> dict:
+    ns = lab.netns("node")
+    for name, value in apply.items():
+        lab.sysctl(ns, name, value)
+    return {"node1": node_probe(lab, ns, "facts")["sysctls"]}
+
+
+def test_tuning__sysctl_not_applied__fails(lab):
+    table = sysctl_table(TUNING, _node_sysctls(lab, {k: v for k, v in TUNING.items() if k != "net.core.somaxconn"}))
+    assert table.mismatches == [("node1", "net.core.somaxconn")]
+    assert "1 mismatch(es) marked" in table.render() and "*4096*" in table.render()
+
+
+def test_tuning__applied__passes(lab):
+    assert sysctl_table(TUNING, _node_sysctls(lab, TUNING)).mismatches == []
+
+
+# ---------------------------------------------------------------------------------------------- kube-proxy
+
+
+def _daemonset(ns, name, labels):
+    """The attributes the check reads from the client's DaemonSet objects (metadata.namespace/name/labels)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(metadata=SimpleNamespace(namespace=ns, name=name, labels=labels))
+
+
+def test_kp_daemonset__present__fails():
+    found = kube_proxy_daemonsets([_daemonset("kube-system", "cilium", {"k8s-app": "cilium"}),
+                                   _daemonset("kube-system", "kp", {"k8s-app": "kube-proxy"})])
+    assert found == ["kube-system/kp"]
+
+
+def test_kp_daemonset__absent__passes():
+    assert kube_proxy_daemonsets([_daemonset("kube-system", "cilium", {"k8s-app": "cilium"})]) == []
+
+
+def _rules(lab, ns, env=None):
+    res = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", RULES_SCRIPT], capture_output=True, text=True,
+                         timeout=60, env=env)
+    return parse_rules_answer("node1", res.returncode, res.stdout, res.stderr)
+
+
+def test_kp_rules__kube_proxy_nft_table__fails(lab):
+    ns = lab.netns("node")
+    lab.nft(ns, "table ip kube-proxy {\n chain services { }\n}\n")
+    facts = node_probe(lab, ns, "facts")
+    findings = kube_proxy_findings({"node1": facts}, {"node1": _rules(lab, ns)})
+    assert findings == ["node1: KUBE-SERVICES rules exist (iptables/nft): kube-proxy ran here"]
+
+
+def test_kp_rules__iptables_save_broken__errors(lab):
+    ns = lab.netns("node")
+    bad = lab.tmp / "badbin"
+    bad.mkdir()
+    (bad / "iptables-save").write_text("#!/bin/sh\necho 'iptables-save: cannot open table' >&2\nexit 1\n")
+    (bad / "iptables-save").chmod(0o755)
+    env = {"PATH": "%s:/usr/sbin:/usr/bin:/sbin:/bin" % bad}
+    with pytest.raises(NotMeasured, match="iptables-save failed"):
+        _rules(lab, ns, env)
+
+
+def test_kp_rules__clean_node__passes(lab):
+    ns = lab.netns("node")
+    assert kube_proxy_findings({"node1": node_probe(lab, ns, "facts")}, {"node1": _rules(lab, ns)}) == []
+
+
+def test_kernel__uname_2_6__fails(lab):
+    ns = lab.netns("node")
+    facts = node_probe(lab, ns, "facts", prefix=("setarch", platform.machine(), "--uname-2.6"))
+    assert facts["kernel"].startswith("2.6.")
+    assert judge_kernels({"node1": facts["kernel"]}).startswith("kernel older than 5.10 on {'node1': '2.6.")
+
+
+def test_kernel__this_kernel__passes(lab):
+    assert judge_kernels({"node1": node_probe(lab, lab.netns("node"), "facts")["kernel"]}) is None
+
+
+CILIUM_STATUS = REPO / "tests" / "fixtures" / "cilium" / "status_bpf.txt"
+
+
+def test_cilium_kpr__false_or_exec_failed__fails():
+    text = CILIUM_STATUS.read_text()
+    disabled = text.replace("KubeProxyReplacement:    True", "KubeProxyReplacement:    False")
+    assert judge_kpr("w1", 0, disabled) == "w1: KubeProxyReplacement False (exit 0)"
+    assert judge_kpr("w1", 1, "").startswith("w1: KubeProxyReplacement") and "(exit 1)" in judge_kpr("w1", 1, "")
+
+
+def test_cilium_kpr__captured_status__passes():
+    assert judge_kpr("w1", 0, CILIUM_STATUS.read_text()) is None
+
+
+# ---------------------------------------------------------------------------------------------- LoadBalancer
+
+
+def test_lb_pool__vip_outside_pool__fails():
+    assert not ip_in_pool(VIP, ["10.201.0.210-10.201.0.220"])
+
+
+def test_lb_pool__vip_inside_pool__passes():
+    assert ip_in_pool(VIP, ["10.201.0.200-10.201.0.220"]) and ip_in_pool(VIP, ["10.201.0.192/27"])
+
+
+def _runner_http(c, ip=VIP, timeout="1"):
+    """The runner asks as http_get does: netprobe connect IP:80/http, from the host's side (root, full PATH)."""
+    [row] = topo.Lab.probe(c.lab, c.runner, "connect", "--timeout", timeout, "--to", "%s:80/http" % ip)
+    return http_answer(row)
+
+
+def test_lb_http__node_drops_forward__fails(cil):
+    cil.lab.nft(cil.node1, "table ip t9mfault {\n chain forward { type filter hook forward priority 0; "
+                           "ip daddr %s tcp dport 8080 drop; }\n}\n" % topo.CIL_POD[2])
+    try:
+        assert judge_backend_answer(_runner_http(cil)) == "no HTTP answer through the LoadBalancer IP"
+    finally:
+        topo.sh("ip", "netns", "exec", cil.node1, "nft", "delete", "table", "ip", "t9mfault")
+
+
+def test_lb_http__healthy__passes(cil):
+    answer = _runner_http(cil)
+    assert judge_backend_answer(answer) is None and answer["host"] == "backend-pod2"
+
+
+def _node_macs(c) -> dict:
+    return {name: parse_link_macs(c.lab.ip(ns, "-o", "link").stdout) for name, ns in (("node1", c.node1),
+                                                                                       ("node2", c.node2))}
+
+
+def test_lb_neigh__nobody_answers_arp__fails(cil):
+    ghost = "10.201.0.201"
+    assert _runner_http(cil, ghost) is None
+    mac = parse_neighbour(cil.lab.ip(cil.runner, "neigh", "show", "to", ghost).stdout, ghost)
+    node, problem = judge_announcer(ghost, mac, _node_macs(cil))
+    assert node is None and problem.startswith("the runner has no neighbour entry for 10.201.0.201")
+
+
+def test_lb_neigh__node1_answers__passes(cil):
+    assert _runner_http(cil) is not None
+    mac = parse_neighbour(cil.lab.ip(cil.runner, "neigh", "show", "to", VIP).stdout, VIP)
+    assert judge_announcer(VIP, mac, _node_macs(cil)) == ("node1", None)
+
+
+def test_lb_requested__other_ip__fails():
+    assert judge_requested_ip("10.201.0.220", VIP) == "asked for 10.201.0.220 (metallb.io/loadBalancerIPs), got " + VIP
+
+
+def test_lb_requested__honoured__passes():
+    assert judge_requested_ip(VIP, VIP) is None
+
+
+def test_lb_beyond__got_an_ip__fails():
+    problems = judge_beyond_pool("10.201.0.254", ["10.201.0.200-10.201.0.220"], ["10.201.0.254"], [])
+    assert problems == ["10.201.0.254 is outside the pool ['10.201.0.200-10.201.0.220'] but the Service got "
+                        "['10.201.0.254']", "no AllocationFailed event (events: none)"]
+
+
+def test_lb_beyond__pending_with_event__passes():
+    assert judge_beyond_pool("10.201.0.254", ["10.201.0.200-10.201.0.220"], None, ["AllocationFailed"]) == []
+
+
+def test_lb_local__masqueraded__fails(cil):
+    problem = judge_source_preserved(_runner_http(cil), RUNNER)
+    assert problem.startswith("the backend saw 10.201.254.1:")
+    assert ", not the client %s: the source was NATed" % RUNNER in problem
+
+
+LOCAL_DNAT = """table ip lblocal {
+  chain prerouting { type nat hook prerouting priority dstnat; ip daddr %s tcp dport 80 dnat to %s:8080; }
+}
+""" % (VIP, topo.CIL_POD[1])
+
+
+def test_lb_local__dnat_to_local_pod__passes(lab):
+    c = topo.build_cilium(lab, lb_vip=False)
+    topo.announce_vip(lab, c, 1)
+    lab.nft(c.node1, LOCAL_DNAT)  # externalTrafficPolicy Local: a local endpoint, no masquerade
+    lab.serve(c.pod1, http="8080", hostname="backend-pod1")
+    assert judge_source_preserved(_runner_http(c), RUNNER) is None
+
+
+def _failover(lab, take_over: bool, bound: float):
+    c = topo.build_cilium(lab)
+    macs = {name: topo.mac_of(lab, ns, "lan0") for name, ns in (("node1", c.node1), ("node2", c.node2))}
+    started = time.monotonic()
+    lab.ip(c.node1, "addr", "del", VIP + "/32", "dev", "lan0")  # node1's speaker is gone
+    if take_over:
+        topo.announce_vip(lab, c, 2)
+    seconds = None
+    for _ in range(int(bound / 0.5) + 1):  # bounded: at most bound/0.5+1 asks of ~0.5 s each
+        seen = lab.probe(c.runner, "arp", "--iface", "lan0", "--ip", VIP, "--count", "1", "--window", "0.4")
+        if [r["mac"] for r in seen["responders"]] == [macs["node2"]]:
+            seconds = time.monotonic() - started
+            break
+        if time.monotonic() - started > bound:
+            break
+    return judge_failover(seconds, bound, time.monotonic() - started)
+
+
+def test_lb_failover__nobody_takes_over__fails(lab):
+    record, problem = _failover(lab, take_over=False, bound=2)
+    assert problem.startswith("no failover within the bound of 2s (--failover-seconds): waited ")
+    assert record["failover_completed"] is False and record["failover_bound_seconds"] == 2
+
+
+def test_lb_failover__node2_takes_over__passes(lab):
+    record, problem = _failover(lab, take_over=True, bound=30)
+    assert problem is None and record["failover_completed"] and record["failover_within_bound"]
+
+
+# ---------------------------------------------------------------------------------------------- MTU
+
+
+def test_underlay__node2_at_1400__fails(lab):
+    n1, n2 = lab.netns("node1"), lab.netns("node2")
+    lab.ip(n1, "link", "add", "lan0", "mtu", "1500", "type", "veth", "peer", "name", "lan0", "netns", n2, "mtu", "1400")
+    for i, ns in ((1, n1), (2, n2)):
+        lab.ip(ns, "addr", "add", "10.201.0.%d/24" % i, "dev", "lan0")
+        lab.ip(ns, "link", "set", "lan0", "up")
+        lab.ip(ns, "route", "add", "default", "via", "10.201.0.%d" % (3 - i))
+    underlay = {name: route_mtu(node_probe(lab, ns, "facts"), name) for name, ns in (("node1", n1), ("node2", n2))}
+    assert judge_underlay(underlay, 1500) == ["node underlay MTU differs from the expected 1500: {'node2': 1400}",
+                                              "nodes disagree on the underlay MTU: {'node1': 1500, 'node2': 1400}"]
+
+
+def test_underlay__1500__passes(cil):
+    underlay = {name: route_mtu(node_probe(cil.lab, ns, "facts"), name)
+                for name, ns in (("node1", cil.node1), ("node2", cil.node2))}
+    assert underlay == {"node1": 1500, "node2": 1500} and judge_underlay(underlay, 1500) == []
+
+
+def test_route_mtu__geneve1460__fails(lab):
+    c = topo.build_cilium(lab, route_mtu=1460, lb_vip=False)
+    finding, text = judge_route_mtu(route_mtu(pod_probe(lab, c.pod1, "facts")), POD_MTU)
+    assert finding is MtuFinding.TOO_LARGE and text.startswith("pod route MTU 1460 is above the expected 1450")
+
+
+def test_route_mtu__unset_1500__fails(lab):
+    c = topo.build_cilium(lab, route_mtu=None, lb_vip=False)
+    finding, text = judge_route_mtu(route_mtu(pod_probe(lab, c.pod1, "facts")), POD_MTU)
+    assert finding is MtuFinding.TOO_LARGE and text.startswith("pod route MTU 1500 is above the expected 1450")
+
+
+def test_route_mtu__cilium_1450__passes(cil):
+    assert judge_route_mtu(route_mtu(pod_probe(cil.lab, cil.pod1, "facts")), POD_MTU)[0] is MtuFinding.OK
+
+
+def _path_mtu(c, port="7000"):
+    before = {n: node_probe(c.lab, ns, "facts") for n, ns in (("node1", c.node1), ("node2", c.node2))}
+    result = pod_probe(c.lab, c.pod1, "mtu", "--to", "%s:%s" % (topo.CIL_POD[2], port), "--bulk-mib", "2",
+                       "--bulk-timeout", "3")
+    after = {n: node_probe(c.lab, ns, "facts") for n, ns in (("node1", c.node1), ("node2", c.node2))}
+    return judge_path_mtu(result, POD_MTU), fragment_deltas(before, after)
+
+
+def test_mtu__geneve1460_black_hole__fails(lab):
+    c = topo.build_cilium(lab, route_mtu=1460, lb_vip=False)
+    for node in (c.node1, c.node2):
+        lab.nft(node, topo.DROP_FRAG_NEEDED)
+    lab.serve(c.pod2, tcp="7000", udp="7000")
+    problems, frags = _path_mtu(c)
+    assert problems[0].startswith("netprobe mtu verdict 'black_hole' (a PMTUD black hole")
+    assert any(p.startswith("TCP bulk transfer failed") for p in problems)
+    assert set(frags) == {"node1"} and frags["node1"]["FragFails"] > 0  # node1 dropped the oversized DF packets
+
+
+def test_mtu__nothing_listens__fails(cil):
+    problems, _ = _path_mtu(cil, port="7001")
+    assert problems[0].startswith("netprobe mtu verdict 'unreachable' (no UDP echo came back at any size")
+    assert "black hole" not in " ".join(problems)
+
+
+def test_mtu__healthy__passes(cil):
+    assert _path_mtu(cil) == ([], {})
+
+
+# ---------------------------------------------------------------------------------------------- conntrack
+
+N = 300
+
+
+def _ct_run(lab, client, to, tracker, server=None, drop_mid_hold=False, peak=1000, hold="3"):
+    facts_before = {"node1": node_probe(lab, tracker, "facts")}
+    reading_before = {"node1": nf_conntrack_reading("node1", facts_before["node1"])}
+    proc = pod_spawn(lab, client, "load", "--to", to, "--connections", N, "--hold", hold, "--timeout", "2",
+                     "--verify-timeout", "2")
+    during = facts_before["node1"]
+    for _ in range(50):  # bounded: until the table shows the flows, or 50 reads
+        during = node_probe(lab, tracker, "facts")
+        if during["conntrack"]["count"] >= reading_before["node1"].entries + N:
+            break
+        time.sleep(0.1)
+    if drop_mid_hold:
+        lab.nft(server, "table inet blackhole {\n chain input { type filter hook input priority 0; "
+                        "tcp dport 8080 drop; }\n}\n")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    facts_after = {"node1": node_probe(lab, tracker, "facts")}
+    total, problems = judge_load([json.loads(out)])
+    drops = conntrack_deltas(facts_before, facts_after)
+    if drops:
+        problems.append("nf_conntrack counters rose: %s" % drops)
+    rise = judge_ct_rise(reading_before, {"node1": nf_conntrack_reading("node1", during)}, N)
+    if rise:
+        problems.append(rise)
+    _, capacity = judge_ct_capacity(reading_before, peak)
+    return total, problems + capacity
+
+
+@pytest.fixture
+def svc(lab):
+    t = topo.build(lab, topo.Overlay(kind="vxlan", service=True))  # ClusterIP: DNAT on node1
+    lab.serve(t.pod2, tcp="8080")
+    return t
+
+
+def test_ct_clusterip__server_drops_mid_hold__fails(lab, svc):
+    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, svc.pod2, drop_mid_hold=True)
+    assert total["held"] == N and total["verified"] == 0
+    assert problems == ["only 0 of %d held connections carried a byte end to end at the end of the hold (the "
+                        "datapath forgot or broke the rest)" % N]
+
+
+def test_ct_clusterip__peak_over_table__fails(lab, svc):
+    ct_max = node_probe(lab, svc.node1, "facts")["conntrack"]["max"]
+    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, peak=ct_max)
+    assert total["verified"] == N and len(problems) == 1
+    assert problems[0].startswith("node1: nf_conntrack holds %d entries" % ct_max) and "(< 20%)" in problems[0]
+
+
+def test_ct_clusterip__healthy__passes(lab, svc):
+    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1)
+    assert problems == [] and total["verified"] == total["held"] == N
+
+
+@pytest.fixture
+def lbct(lab):
+    c = topo.build_cilium(lab)  # pod1 -> LB VIP: node1 DNATs and masquerades to pod2
+    lab.serve(c.pod2, tcp="8080")
+    return c
+
+
+def test_ct_lb__table_that_does_not_see_the_flows__fails(lab, lbct):
+    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node2)  # node2 tracks nothing of these flows
+    assert total["verified"] == N
+    assert len(problems) == 1 and problems[0].startswith("the conntrack table (nf_conntrack) grew by ")
+    assert "while %d connections were held: the measurement does not see these flows" % N in problems[0]
+
+
+def test_ct_lb__healthy__passes(lab, lbct):
+    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node1)
+    assert problems == [] and total["verified"] == N
+
+
+# ---------------------------------------------------------------------------------------------- default deny
+
+SRC = "a/frontend"
+TARGETS = [Target("b/backend", port, proto) for port in (8080, 9090) for proto in ("TCP", "UDP")]
+ADDRESS = {t: "%s:%d" % (topo.CIL_POD[2], t.port) for t in TARGETS}
+
+
+def _table(allowed) -> TruthTable:
+    table = TruthTable([SRC], TARGETS)
+    for t in TARGETS:
+        table.set(SRC, t, Expect.CONNECTED if allowed(t) else Expect.BLOCKED)
+    return table
+
+
+def _nft_policy(lab, node, allow):
+    """Enforcement standing in for the CNI: node2's forward hook drops new flows into pod2 except ``allow``
+    (None: no rule at all)."""
+    topo.sh("ip", "netns", "exec", node, "nft", "delete", "table", "inet", "netpol", check=False)
+    if allow is None:
+        return
+    accepts = "".join("ip daddr %s %s dport %d accept; " % (topo.CIL_POD[2], t.proto.lower(), t.port) for t in allow)
+    lab.nft(node, "table inet netpol {\n chain forward { type filter hook forward priority 0; %sip daddr %s drop; }\n}\n"
+            % (accepts, topo.CIL_POD[2]))
+
+
+def _policy_world(lab, serve=True):
+    c = topo.build_cilium(lab, lb_vip=False)
+    if serve:
+        lab.serve(c.pod2, tcp="8080,9090", udp="8080,9090")
+    return c
+
+
+IGNORED = object()  # the CNI ignores the policies: nothing is enforced
+
+
+def _run(c, name, expected, policies: bool, enforce, datapath_drops=False):
+    """conformance.check.run_policy_check, the check's own runner: baseline without policy, apply, K matches."""
+    def apply(manifests):
+        _nft_policy(c.lab, c.node2, [] if datapath_drops else (enforce if manifests and enforce is not IGNORED
+                                                                 else None))
+        return len(manifests)
+
+    def observe():
+        rows = pod_probe(c.lab, c.pod1, "connect", "--timeout", "1", "--udp-tries", "2",
+                         *sum((["--to", "%s/%s" % (ADDRESS[t], t.proto.lower())] for t in TARGETS), []))
+        return observed_table([SRC], TARGETS, {SRC: rows}, ADDRESS)
+
+    check = PolicyCheck(name, [SRC], TARGETS, [{"kind": "NetworkPolicy"}] if policies else [], expected,
+                        _table(lambda t: True))
+    return run_policy_check(check, apply, observe, NoBarrier("no Cilium in a netns"), None, seconds=5,
+                            consecutive=2, interval=0.2, transport_errors=(AssertionError,))
+
+
+ALL = _table(lambda t: True)
+NONE = _table(lambda t: False)
+ONE = _table(lambda t: (t.port, t.proto) == (8080, "TCP"))
+
+
+def test_deny_step1__datapath_drops__fails(lab):
+    result = _run(_policy_world(lab), "no policy", ALL, False, None, datapath_drops=True)
+    assert not result.passed and result.text.startswith("no policy: tables did not match 2 times in a row")
+
+
+def test_deny_step1__healthy__passes(lab):
+    result = _run(_policy_world(lab), "no policy", ALL, False, None)
+    assert result.passed, result.text
+
+
+def test_deny_step2__not_enforced__fails(lab):
+    result = _run(_policy_world(lab), "default deny", NONE, True, IGNORED)
+    assert not result.passed and result.text.startswith("default deny: tables did not match 2 times in a row")
+    assert sorted(result.enforced.leaks) == sorted("a/frontend->b/backend:%d/%s" % (t.port, t.proto) for t in TARGETS)
+
+
+def test_deny_step2__dead_target_baseline__fails(lab):
+    result = _run(_policy_world(lab, serve=False), "default deny", NONE, True, [])
+    assert not result.passed and result.enforced is None
+    assert result.text.startswith("default deny: baseline failed, so no denial can be judged: 4 cell(s)")
+
+
+def test_deny_step2__enforced__passes(lab):
+    result = _run(_policy_world(lab), "default deny", NONE, True, [])
+    assert result.passed, result.text
+    assert all(v.startswith("drop reason unavailable") for v in result.drop_reasons.values())
+
+
+def test_deny_step3__allows_every_port__fails(lab):
+    result = _run(_policy_world(lab), "allow frontend->backend", ONE, True, TARGETS)
+    assert not result.passed and "tables did not match" in result.text
+    assert set(result.enforced.leaks) == {"a/frontend->b/backend:9090/TCP", "a/frontend->b/backend:8080/UDP",
+                                          "a/frontend->b/backend:9090/UDP"}
+
+
+def test_deny_step3__one_port__passes(lab):
+    result = _run(_policy_world(lab), "allow frontend->backend", ONE, True, [Target("b/backend", 8080, "TCP")])
+    assert result.passed, result.text
+
+
+# ---------------------------------------------------------------------------------------------- pod tuning
+
+
+def _pod_sysctls(lab, ns, names):
+    res = pod_shell(lab, ns, read_command(names))  # the check's own reader, as the pod's user
+    assert res.returncode == 0, res.stderr
+    return parse_values(res.stdout, names)
+
+
+POD_NAMES = ["net.netfilter.nf_conntrack_max", "net.core.somaxconn"]
+
+
+def test_pod_sysctls__global_claim_wrong__fails(lab):
+    pod = lab.netns("pod")
+    seen = _pod_sysctls(lab, pod, POD_NAMES)
+    claim = {"net.netfilter.nf_conntrack_max": str(int(seen["net.netfilter.nf_conntrack_max"]) + 1),
+             "net.core.somaxconn": "8192"}
+    report = judge_pod_sysctls(claim, {"node1/pod": seen})
+    assert report.failures == ["net.netfilter.nf_conntrack_max is global, so pods must see the node's %s, but "
+                               "node1/pod sees %s" % (claim["net.netfilter.nf_conntrack_max"],
+                                                      seen["net.netfilter.nf_conntrack_max"])]
+
+
+def test_pod_sysctls__claims_hold__passes(lab):
+    pod = lab.netns("pod")
+    seen = _pod_sysctls(lab, pod, POD_NAMES)
+    report = judge_pod_sysctls({"net.netfilter.nf_conntrack_max": seen["net.netfilter.nf_conntrack_max"],
+                                "net.core.somaxconn": "8192"}, {"node1/pod": seen})
+    assert report.failures == [] and len(report.notes) == 1  # somaxconn per netns: a note, not a failure
+
+
+def _node_rp(lab, all_value):
+    node = lab.netns("node")
+    lab.ip(node, "link", "add", "lxc0", "type", "veth", "peer", "name", "eth9")
+    lab.sysctl(node, "net.ipv4.conf.all.rp_filter", all_value)
+    lab.sysctl(node, "net.ipv4.conf.lxc0.rp_filter", 0)
+    res = topo.sh("ip", "netns", "exec", node, "sh", "-c", NODE_RP_FILTER_SCRIPT)
+    return judge_node_rp_filter("node1", parse_rp_filter_lines(res.stdout))
+
+
+def test_rp_filter__all_strict__fails(lab):
+    problems = _node_rp(lab, 1)
+    assert problems and all(p.startswith("node1: ") for p in problems) and any("lxc0" in p for p in problems)
+
+
+def test_rp_filter__off__passes(lab):
+    assert _node_rp(lab, 0) == []
+
+
+# ---------------------------------------------------------------------------------------------- completeness
+
+
+def collected_checks() -> list[str]:
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "conformance"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    ids = [line.split("conformance/", 1)[1] for line in res.stdout.splitlines() if line.startswith("conformance/")]
+    assert ids, "pytest --collect-only collected no conformance check:\n" + res.stdout + res.stderr
+    return ids
+
+
+def test_matrix_covers_every_collected_check():
+    checks = collected_checks()
+    assert sorted(MATRIX) == sorted(checks), "checks without a matrix row (or rows for no check)"
+    names = set(globals())
+    for check, tests in MATRIX.items():
+        assert any(t.endswith("__fails") or t.endswith("__errors") for t in tests), check
+        assert any(t.endswith("__passes") for t in tests), check
+        assert set(tests) <= names, (check, set(tests) - names)
+
+
+def test_readme_table_names_every_check_and_its_matrix_tests():
+    text = (REPO / "conformance" / "README.md").read_text()
+    for check, tests in MATRIX.items():
+        assert "`%s`" % check.split("::", 1)[1] in text, check
+        for t in tests:
+            assert "`%s`" % t in text, t
