@@ -33,6 +33,7 @@ class Entry(BaseModel):
     source: str        # e.g. go:k8s.io/kubernetes/cmd/kubeadm@v1.37.2, or the release URL
     sha256: str
     ref: str = ""      # image reference, for images
+    preload: bool = True  # images: imported into every node by the runtime phase
 
 
 class Manifest(BaseModel):

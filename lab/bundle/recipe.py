@@ -47,6 +47,8 @@ class Root(_Model):
 class Image(_Model):
     root: str                                            # "static" or a key of roots
     files: dict[str, str]                                # path in image -> source (see Source)
+    component: str = ""                                  # default: the build of its first file
+    preload: bool = True                                 # imported into every node by the runtime phase
     entrypoint: list[str] = Field(default_factory=list)
     cmd: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -119,6 +121,22 @@ def parse_source(ref: str) -> tuple[str, str, str]:
     if m.group("origin") == "repo":
         return "repo", "", m.group("path")
     return "module", m.group("origin"), m.group("path")
+
+
+def component(build: str) -> str:
+    """The component a build belongs to: cilium and cilium-operator are both Cilium."""
+    return "cilium" if build.startswith("cilium") else build
+
+
+def image_component(recipe: Recipe, ref: str) -> tuple[str, str]:
+    """(component, version) of an image: its declared component and tag, else those of its first program's build."""
+    image = recipe.images[ref]
+    if image.component:
+        return image.component, ref.rsplit(":", 1)[-1]
+    kind, build, _ = parse_source(next(iter(image.files.values())))
+    if kind != "program":
+        raise ValueError(f"images.{ref}: name its component (its first file is not a program)")
+    return component(build), recipe.builds[build].version
 
 
 def _problems(recipe: Recipe) -> list[tuple[str, str]]:

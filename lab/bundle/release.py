@@ -31,7 +31,8 @@ import yaml
 
 from lab import images
 from lab.bundle.manifest import BundleError, Entry, Manifest, now, sha256_file, write_manifest
-from lab.bundle.recipe import REPO_ROOT, GoBuild, Image, Recipe, ReleaseChart, ReleaseFile, parse_source
+from lab.bundle.recipe import (REPO_ROOT, GoBuild, Image, Recipe, ReleaseChart, ReleaseFile, component, image_component,
+                               parse_source)
 from lab.bundle.source import run
 from lab.errors import ImageError
 
@@ -263,7 +264,8 @@ class ReleaseFetch:
         self._archive(f"docker://{pinned}", archive, ref, tls=self.pull_ref(ref)[1])
         comp, version = image_component(self.recipe, ref)
         return Entry(path=f"images/{archive.name}", component=comp, kind="image", version=version,
-                     source=recorded, sha256=sha256_file(archive), ref=ref)
+                     source=recorded, sha256=sha256_file(archive), ref=ref,
+                     preload=self.recipe.images[ref].preload)
 
     def _archive(self, src: str, archive: Path, ref: str, tls: bool) -> None:
         part = archive.with_name(archive.name + ".part")
@@ -293,15 +295,16 @@ class ReleaseFetch:
         # unpack + repack rather than `umoci insert`: umoci 0.4.7 (Debian 12) writes insert layers without the
         # tar trailer or the last file's padding (umoci#436, fixed in #534), which GNU tar and Python reject.
         rootless = [] if os.geteuid() == 0 else ["--rootless"]
-        run(["umoci", "unpack", *rootless, "--image", img, str(bundle)], what=f"unpacking the base of {ref}")
-        for dest, src in image.files.items():
-            path = bundle / "rootfs" / dest.lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
-            shutil.copyfile(REPO_ROOT / parse_source(src)[2], path)
-            os.chmod(path, 0o755)
-        run(["umoci", "repack", "--image", img, "--history.created_by", "kvmlab " + " ".join(image.files.values()),
-             str(bundle)], what=f"file layer of {ref}")
+        if image.files:
+            run(["umoci", "unpack", *rootless, "--image", img, str(bundle)], what=f"unpacking the base of {ref}")
+            for dest, src in image.files.items():
+                path = bundle / "rootfs" / dest.lstrip("/")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.unlink(missing_ok=True)
+                shutil.copyfile(REPO_ROOT / parse_source(src)[2], path)
+                os.chmod(path, 0o755)
+            run(["umoci", "repack", "--image", img, "--history.created_by",
+                 "kvmlab " + " ".join(image.files.values()), str(bundle)], what=f"file layer of {ref}")
         config = ["umoci", "config", "--image", img, "--os", OS, "--architecture", ARCH]
         for k, v in image.env.items():
             config += ["--config.env", f"{k}={v}"]
@@ -315,8 +318,8 @@ class ReleaseFetch:
         run(["rm", "-rf", "--one-file-system", str(layout), str(bundle)], what="removing the work copies")
         comp, version = image_component(self.recipe, ref)
         return Entry(path=f"images/{archive.name}", component=comp, kind="image", version=version,
-                     source=f"built:{recorded}+" + ",".join(image.files.values()), sha256=sha256_file(archive),
-                     ref=ref)
+                     source="+".join([f"built:{recorded}", *image.files.values()]), sha256=sha256_file(archive),
+                     ref=ref, preload=self.recipe.images[ref].preload)
 
     # ------------------------------------------------------------------------------------------ the bundle
 
@@ -340,14 +343,3 @@ def safe(ref: str) -> str:
     return ref.replace("/", "_").replace(":", "_")
 
 
-def component(build: str) -> str:
-    return "cilium" if build.startswith("cilium") else build
-
-
-def image_component(recipe: Recipe, ref: str) -> tuple[str, str]:
-    """(component, version) of an image: those of the build of its first program, else netprobe and the tag."""
-    first = next(iter(recipe.images[ref].files.values()))
-    kind, build, _ = parse_source(first)
-    if kind == "program":
-        return component(build), recipe.builds[build].version
-    return "netprobe", ref.rsplit(":", 1)[-1]

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from lab.bundle.manifest import BundleError, Entry, Manifest, now, sha256_file, write_manifest
-from lab.bundle.recipe import RECIPE_DIR, REPO_ROOT, GoBuild, Image, Recipe, Root, parse_source
+from lab.bundle.recipe import (RECIPE_DIR, REPO_ROOT, GoBuild, Image, Recipe, Root, component, image_component,
+                               parse_source)
 
 Say = Callable[[str], None]
 DEBIAN_SUITE = "bookworm"
@@ -265,8 +266,7 @@ class SourceBuild:
     def component_of(self, ref: str) -> tuple[str, str]:
         """(component, version) for a program ref ``build/program``."""
         _, build, _ = parse_source(ref)
-        b = self.recipe.builds[build]
-        return ("cilium" if build.startswith("cilium") else build), b.version
+        return component(build), self.recipe.builds[build].version
 
     def assemble(self, out: Path) -> Manifest:
         entries: list[Entry] = []
@@ -282,12 +282,10 @@ class SourceBuild:
                                  source=f"go:{package}@{version}", sha256=sha256_file(dest)))
         for ref, image in self.recipe.images.items():
             archive = self.cached_image(ref, image, out)
-            first = next(iter(image.files.values()))
-            kind = parse_source(first)[0]
-            component, version = self.component_of(first) if kind == "program" else ("netprobe", ref.split(":")[-1])
+            component, version = image_component(self.recipe, ref)
             entries.append(Entry(path=str(archive.relative_to(out)), component=component, kind="image",
-                                 version=version, source=f"built:{image.root}+" + ",".join(image.files.values()),
-                                 sha256=sha256_file(archive), ref=ref))
+                                 version=version, source="+".join([f"built:{image.root}", *image.files.values()]),
+                                 sha256=sha256_file(archive), ref=ref, preload=image.preload))
         helm = self.program("helm", "helm")
         (out / "charts").mkdir()
         for name, ref in self.recipe.charts.items():

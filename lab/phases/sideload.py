@@ -58,7 +58,7 @@ def images_for(manifest: "Manifest", control_plane: bool) -> list["Entry"]:
         name = e.ref.rsplit(":", 1)[0].rsplit("/", 1)[-1]
         return control_plane or name not in CONTROL_PLANE_ONLY
 
-    return [e for e in manifest.of_kind("image") if wanted(e)]
+    return [e for e in manifest.of_kind("image") if e.preload and wanted(e)]
 
 
 def node_sha256(host: "Host", path: str) -> str | None:
