@@ -1,0 +1,77 @@
+"""Each fault brought into the real CI cluster at its own layer is caught by exactly the check that should catch
+it, with a message that names it; the other checks of the same concern stay green; health is restored after.
+(issue 11: faults at their real layer). Runs after the healthy conformance run on the same cluster."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clusterlab import RESULTS
+from faults import (cilium_values_override, kube_proxy_installed, network_policies_deleted, run_checks,
+                    sysctl_reverted)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(cluster, cluster_state) -> Path:
+    from clusterlab import SPEC
+    from labrun import lab_cli
+
+    proc = lab_cli(cluster_state, "kubeconfig", "-c", str(SPEC))
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
+def outcome_of(outcomes: dict, prefix: str) -> tuple[str, str]:
+    found = [v for k, v in outcomes.items() if k.startswith(prefix)]
+    assert found, f"no result for {prefix}: {sorted(outcomes)}"
+    return found[0]
+
+
+def test_reverted_sysctl_is_named_by_node_and_key(cluster, cluster_state, cluster_lab):
+    worker = cluster_lab.workers[0].name
+    with sysctl_reverted(cluster_state, worker, "net.core.somaxconn", "4096", "32768"):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-sysctl", "conformance/test_tuning.py")
+    outcome, message = outcome_of(outcomes, "test_node_sysctls_match_expected")
+    assert rc == 1 and outcome == "failure", tail
+    assert worker in message and "net.core.somaxconn" in message and "4096" in message, message
+    rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-sysctl-restored", "conformance/test_tuning.py")
+    assert rc == 0, tail
+
+
+def test_kube_proxy_beside_kpr_fails_the_kpr_checks(cluster, cluster_state, cluster_lab, bundle, kubeconfig):
+    nodes = [n.name for n in cluster_lab.nodes]
+    with kube_proxy_installed(cluster_state, bundle[0], kubeconfig, nodes, cluster_lab.control_planes[0].name):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-kube-proxy",
+                                        "conformance/test_kube_proxy_replacement.py")
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_no_kube_proxy_daemonset")
+    assert outcome == "failure" and "kube-proxy" in message, message
+    assert outcome_of(outcomes, "test_kernels_support_the_ebpf_datapath")[0] == "passed"
+    assert outcome_of(outcomes, "test_cilium_reports_kube_proxy_replacement")[0] == "passed"
+    rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-kube-proxy-restored",
+                                    "conformance/test_kube_proxy_replacement.py")
+    assert rc == 0, tail
+
+
+def test_deleted_default_deny_names_the_leaking_cells(cluster, cluster_state, bundle, kubeconfig):
+    with network_policies_deleted(bundle[0], kubeconfig, "cf-") as deleted:
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-policy",
+                                        "conformance/test_default_deny.py::test_step2_default_deny_blocks_everything_in_and_out")
+    assert deleted, "the fault never saw a NetworkPolicy to delete"
+    outcome, message = outcome_of(outcomes, "test_step2")
+    assert rc == 1 and outcome == "failure", tail
+    assert "->" in message and ("leak" in message.lower() or "CONNECTED" in message or "connected" in message), \
+        message
+
+
+def test_pod_mtu_too_large_for_the_underlay_fails_the_mtu_checks(cluster, cluster_state, tmp_path):
+    """The 'Geneve 1460' mistake: pods get a 1460 route MTU on a 1500 underlay (Cilium's MTU value 1510)."""
+    with cilium_values_override(cluster_state, tmp_path, {"MTU": 1510}):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-mtu", "conformance/test_mtu.py")
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_pod_route_mtu")
+    assert outcome == "failure" and "1460" in message, message
+    assert outcome_of(outcomes, "test_node_underlay_mtu")[0] == "passed"
