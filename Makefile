@@ -91,7 +91,7 @@ test: sysdeps-test venv image
 # suite against it. Builds the bundle first when it is not cached (about an hour from cold on 2 cores).
 test-cluster: sysdeps-test venv image bundle
 	bash scripts/libvirtd-netns.sh start
-	bash scripts/run-cluster-tests.sh $(PYTEST_ARGS)
+	bash scripts/run-tests.sh --cluster $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit tests/libvirt tests/conformance -q $(PYTEST_ARGS)
