@@ -68,5 +68,20 @@ def build_bundle(producer: Producer = "source", *, force: bool = False, release_
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    prune_other_bundles(sha, say)
     say(f"bundle {sha[:12]} built from {producer} in {time.monotonic() - started:.0f}s: {out}")
     return out, manifest, time.monotonic() - started
+
+
+def prune_other_bundles(keep: str, say: Callable[[str], None] = print) -> None:
+    """Remove the bundles (and their disk images) of other recipes: each is gigabytes, and the work cache rebuilds
+    one in seconds to minutes. Labs keep running: their nodes read a copy in the lab's libvirt pool."""
+    root = cache_root()
+    for path in root.iterdir():
+        name = path.name.split(".", 1)[0]
+        if len(name) == 64 and name != keep and all(c in "0123456789abcdef" for c in name):
+            say(f"removing the bundle of another recipe: {path.name}")
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
