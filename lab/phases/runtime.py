@@ -203,7 +203,9 @@ class Runtime(Phase):
                 raise RemoteError(f"{name}: runtime read back wrong:\n  - " + "\n  - ".join(problems),
                                   hint=f"inspect with `lab ssh {name}`, then run `lab up` again")
             ctx.log.info(f"{name}: containerd ready (SystemdCgroup, {SANDBOX_IMAGE}), swap off"
-                         + (f", kubeadm {k8s_minor(lab)} held" if lab.kubernetes.enabled else ""))
+                         + ("" if not lab.kubernetes.enabled else
+                            f", Kubernetes {lab.kubernetes.version} and images from the bundle" if bundle is not None
+                            else f", kubeadm {k8s_minor(lab)} held"))
 
         run_on_nodes(list(hosts), prepare, ctx.cancel)
 
