@@ -177,6 +177,24 @@ def lab_link_macs(facts: Mapping[str, Mapping], internal_ips: Mapping[str, str])
     return found, problems
 
 
+def endpoint_nodes(slices) -> list[str]:
+    """Nodes holding a ready endpoint, from EndpointSlices (kubernetes client V1EndpointSlice objects): an
+    endpoint whose ``conditions.ready`` is unset counts as ready (the API's documented default)."""
+    nodes = set()
+    for eps in slices:
+        for ep in getattr(eps, "endpoints", None) or []:
+            ready = getattr(getattr(ep, "conditions", None), "ready", None)
+            if ready is not False and getattr(ep, "node_name", None):
+                nodes.add(ep.node_name)
+    return sorted(nodes)
+
+
+def ready_nodes(nodes) -> list[str]:
+    """Names of Node objects (kubernetes client V1Node) whose Ready condition is True."""
+    return sorted(n.metadata.name for n in nodes
+                  if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])))
+
+
 # ---------------------------------------------------------------------------------------------- failover
 
 
