@@ -39,7 +39,7 @@ RESOURCES = {
     ("apis/discovery.k8s.io/v1", "endpointslices"): ("EndpointSlice", True),
     ("apis/metallb.io/v1beta1", "servicel2statuses"): ("ServiceL2Status", True),
 }
-PATH = re.compile(r"^/(api/v1|apis/[^/]+/v1(?:beta1)?)(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z]+)"
+PATH = re.compile(r"^/(api/v1|apis/[^/]+/v1(?:beta1)?)(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z0-9]+)"
                   r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?$")
 
 
