@@ -40,12 +40,50 @@ def agents(kube) -> dict[str, str]:
     return {p.spec.node_name: p.metadata.name for p in pods}
 
 
+def agent_json(session, node: str, pod: str, command: list[str], timeout: float = 60.0):
+    """A Cilium agent command's JSON output; a failed exec, a non-zero exit or output that is not JSON is
+    NotMeasured (never judged as "mode not reported")."""
+    text = _run(session, node, pod, command, timeout)
+    try:
+        return text, json.loads(text)
+    except ValueError:
+        raise NotMeasured(f"{node}: `{' '.join(command)}` in {AGENT_NS}/{pod} printed no JSON: "
+                          f"{text.strip()[:200]!r}") from None
+
+
+RELAY_NAME = "hubble-relay"
+
+
+def judge_relay(deployments) -> str | None:
+    """Hubble Relay's Deployment (kubernetes client V1Deployment objects in kube-system): present and every
+    desired replica ready (status.readyReplicas from the API, not the agent's view)."""
+    found = [d for d in deployments if d.metadata.name == RELAY_NAME
+             or (d.metadata.labels or {}).get("k8s-app") == RELAY_NAME]
+    if not found:
+        return f"no {RELAY_NAME} Deployment in {AGENT_NS} (Helm hubble.relay.enabled=false?)"
+    problems = []
+    for d in found:
+        want = d.spec.replicas if d.spec and d.spec.replicas is not None else 1
+        ready = (d.status.ready_replicas or 0) if d.status else 0
+        if want < 1 or ready < want:
+            problems.append(f"{d.metadata.namespace}/{d.metadata.name}: {ready}/{want} replicas ready")
+    return ("Hubble Relay not ready: " + "; ".join(problems)) if problems else None
+
+
 def hubble_relay_enabled(kube) -> bool:
     return bool(kube.core.list_namespaced_pod(AGENT_NS, label_selector=RELAY_SELECTOR).items)
 
 
 def _run(session, node: str, pod: str, command: list[str], timeout: float = 60.0):
-    res = session.exec(AGENT_NS, pod, command, timeout, container=AGENT_CONTAINER)
+    from kubernetes.client.rest import ApiException
+    try:
+        res = session.exec(AGENT_NS, pod, command, timeout, container=AGENT_CONTAINER)
+    except ApiException as exc:  # the exec itself was refused (pod gone, container not running): not measured
+        raise NotMeasured(f"{node}: exec `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} failed: "
+                          f"{exc.status} {exc.reason}") from None
+    if res.rc is None:
+        raise NotMeasured(f"{node}: `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} did not finish within "
+                          f"{timeout:.0f}s")
     if res.rc != 0:
         raise NotMeasured(f"{node}: `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} failed (exit {res.rc}): "
                           f"{(res.stderr or res.stdout).strip()[:300] or 'no output'}")

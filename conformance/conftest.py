@@ -17,6 +17,7 @@ import pytest
 from conformance import kube as k8s
 from conformance import report
 from conformance.judge import DEFAULT_CONNTRACK_PEAK, DEFAULT_CONSECUTIVE, NotMeasured
+from lab.cilium_status import ExpectedDatapath, expected_from_spec
 from lab.sysctl import parse_values, read_command
 from lab.wait import wait_for
 
@@ -43,6 +44,10 @@ class Settings:
     conntrack_peak: int = DEFAULT_CONNTRACK_PEAK
     failover_seconds: float = DEFAULT_FAILOVER_SECONDS
     append_report: bool = False
+    expect_pod_sysctls: dict[str, str] = field(default_factory=dict)
+    datapath: ExpectedDatapath = field(default_factory=ExpectedDatapath)
+    hubble_relay: bool = True
+    runner_iface: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -56,6 +61,19 @@ def pytest_addoption(parser):
                                       f"{k8s.PROBE_IMAGE})")
     g.addoption("--expect-sysctl", action="append", default=[], metavar="NAME=VALUE",
                 help="expected node sysctl (repeatable; overrides the lab's / the production set)")
+    g.addoption("--expect-pod-sysctl", action="append", default=[], metavar="NAME=VALUE",
+                help="a sysctl pods are configured to get (securityContext.sysctls); repeatable; a pod without "
+                     "this value fails test_pods_get_the_sysctls_the_lab_claims (default: none)")
+    g.addoption("--expect-kpr", choices=["true", "false"],
+                help="KubeProxyReplacement the Cilium agents must report, without --lab (default true)")
+    g.addoption("--expect-masquerading", choices=["bpf", "iptables"],
+                help="Cilium masquerading mode, without --lab (default bpf)")
+    g.addoption("--expect-host-routing", choices=["bpf", "legacy"],
+                help="Cilium host routing mode, without --lab (default: bpf with bpf masquerading, else legacy)")
+    g.addoption("--expect-hubble-relay", choices=["yes", "no"],
+                help="whether the hubble-relay Deployment must be ready, without --lab (default yes)")
+    g.addoption("--runner-iface", help="this host's link on the nodes' L2, for `netprobe arp` (default: the link of "
+                                       "this host's route to the first node)")
     g.addoption("--expect-mtu", type=int, help="expected underlay (node) MTU, without --lab (default: measured)")
     g.addoption("--tunnel", choices=["vxlan", "geneve"], help="overlay protocol, without --lab (default vxlan)")
     g.addoption("--lb-pool", action="append", default=[], metavar="CIDR|FIRST-LAST",
@@ -109,6 +127,13 @@ def _settings(config) -> Settings:
         if not sep:
             raise pytest.UsageError(f"--expect-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=32768")
         sysctls[name.strip()] = value.strip()
+    pod_sysctls = {}
+    for item in opt("--expect-pod-sysctl"):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise pytest.UsageError(f"--expect-pod-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=8192")
+        pod_sysctls[name.strip()] = value.strip()
+    datapath, relay = _datapath_expectation(opt, lab)
     probe_image = opt("--probe-image")
     if not probe_image and not os.environ.get(k8s.PROBE_IMAGE_ENV) and lab is not None \
             and lab.kubernetes.source == "bundle":
@@ -126,7 +151,32 @@ def _settings(config) -> Settings:
         runner_ip=opt("--runner-ip"),  # else derived from the route to the nodes (fixture runner_ip)
         results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
         conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
-        append_report=opt("--append-report"))
+        append_report=opt("--append-report"), expect_pod_sysctls=pod_sysctls, datapath=datapath,
+        hubble_relay=relay, runner_iface=opt("--runner-iface"))
+
+
+def _datapath_expectation(opt, lab) -> tuple[ExpectedDatapath, bool]:
+    """The Cilium datapath modes and Hubble relay to expect: from the lab spec's cilium section with --lab (an
+    explicit --expect-* option still wins), else from the options, defaulting to the production shape (KPR True,
+    BPF masquerading, BPF host routing, --tunnel or vxlan, Hubble Ok, relay ready)."""
+    if lab is not None:
+        base, relay = expected_from_spec(lab.cilium), bool(lab.cilium.hubble.relay)
+    else:
+        base, relay = ExpectedDatapath(tunnel_protocol=opt("--tunnel") or "vxlan"), True
+    kpr, masq, host = opt("--expect-kpr"), opt("--expect-masquerading"), opt("--expect-host-routing")
+    masquerading = {"bpf": "BPF", "iptables": "iptables"}[masq] if masq else base.masquerading
+    if host:
+        host_routing = {"bpf": "BPF", "legacy": "Legacy"}[host]
+    elif masq:
+        host_routing = "BPF" if masquerading == "BPF" else "Legacy"
+    else:
+        host_routing = base.host_routing
+    expected = ExpectedDatapath(kube_proxy_replacement=kpr.capitalize() if kpr else base.kube_proxy_replacement,
+                                masquerading=masquerading, host_routing=host_routing,
+                                tunnel_protocol=opt("--tunnel") or base.tunnel_protocol, hubble=base.hubble)
+    if opt("--expect-hubble-relay"):
+        relay = opt("--expect-hubble-relay") == "yes"
+    return expected, relay
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -246,7 +296,9 @@ def report_entry(rep) -> dict:
     details = {k: measured.pop(k) for k in [k for k, v in measured.items() if isinstance(v, (dict, list))]
                if k in ("policy",)}
     message = ""
-    if rep.outcome != "passed" and rep.longrepr is not None:
+    if rep.outcome == "skipped" and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        message = str(rep.longrepr[2]).removeprefix("Skipped: ")  # (path, line, "Skipped: reason"): the reason
+    elif rep.outcome != "passed" and rep.longrepr is not None:
         crash = getattr(rep.longrepr, "reprcrash", None)
         message = crash.message if crash is not None else str(rep.longrepr)
     verdict = {"passed": "pass", "failed": "fail", "skipped": "skip"}[rep.outcome]

@@ -50,7 +50,8 @@ REQUIRED_ACCESS = [
     ("patch", "", "nodes", ""), ("create", "", "pods", ""), ("create", "", "pods", "exec"),
     ("delete", "", "pods", ""), ("create", "", "configmaps", ""), ("create", "", "services", ""),
     ("list", "", "events", ""), ("create", "apps", "daemonsets", ""),
-    ("create", "networking.k8s.io", "networkpolicies", ""),
+    ("create", "networking.k8s.io", "networkpolicies", ""), ("list", "apps", "deployments", ""),
+    ("list", "discovery.k8s.io", "endpointslices", ""), ("list", "metallb.io", "servicel2statuses", ""),
 ]
 
 
@@ -93,6 +94,8 @@ class Kube:
         self.net = client.NetworkingV1Api(self.api)
         self.auth = client.AuthorizationV1Api(self.api)
         self.version = client.VersionApi(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.discovery = client.DiscoveryV1Api(self.api)
 
 
 def connect(kubeconfig: str | None) -> Kube:

@@ -8,13 +8,13 @@ Inputs, each as the cluster or the probe gives it:
 * ``statuses``: ``servicel2statuses.metallb.io`` objects (v1beta1; ``status.node``, ``status.serviceName``,
   ``status.serviceNamespace``, ``status.interfaces[].name``), as the API returns them. The speaker that announces a
   Service creates one for it.
-* ``node_macs``: node -> the MACs of its links (``ip -j link`` on the node, or netprobe facts).
+* ``node_macs``: node -> the MAC of the link holding its InternalIP (``lab_link_macs`` over netprobe facts).
 * ``node_labels``: node -> labels. kubeadm labels control-plane nodes ``node.kubernetes.io/exclude-from-external-
   load-balancers``; MetalLB's speaker never announces from a node carrying it.
 * ``endpoint_nodes``: nodes holding a ready endpoint of the Service (EndpointSlices); with
   ``externalTrafficPolicy: Local`` MetalLB announces only from those.
 
-Everything here is pure: the check (conformance/test_l2_announce.py, to come with the reworked runner) collects
+Everything here is pure: the check (conformance/test_l2_announce.py) collects
 the inputs and asserts ``not problems``.
 """
 from __future__ import annotations
@@ -146,6 +146,53 @@ def _judge_node(j: L2Judgement, labels: Mapping[str, str], traffic_policy: str, 
         j.problems.append((L2Finding.NO_LOCAL_ENDPOINT, f"externalTrafficPolicy Local, announced from "
                                                         f"{j.announcer}, which holds no endpoint (endpoints on: "
                                                         f"{have}): traffic arriving there is dropped"))
+
+
+def lab_link_macs(facts: Mapping[str, Mapping], internal_ips: Mapping[str, str]) -> tuple[dict[str, list[str]],
+                                                                                          list[str]]:
+    """({node: [MAC of the link holding its InternalIP]}, problems) from ``netprobe facts`` run on each node
+    (``interfaces[].ipv4`` and ``.mac``): the MAC that answers ARP on the lab network. A node whose facts name no
+    link with that address, or whose address dump failed, is a problem (the caller reports it as not measured):
+    guessing from every link's MAC would let a bridge or a veth stand in for the node."""
+    import ipaddress
+    found, problems = {}, []
+    for node, ip in sorted(internal_ips.items()):
+        doc = facts.get(node)
+        if doc is None:
+            problems.append(f"{node}: no netprobe facts")
+            continue
+        links = doc.get("interfaces") or []
+        if any(link.get("ipv4") is None for link in links):
+            errors = "; ".join(e.get("error", "") for e in doc.get("errors") or [] if e.get("what") == "interfaces.ipv4")
+            problems.append(f"{node}: netprobe facts could not list IPv4 addresses ({errors or 'no reason given'})")
+            continue
+        holders = [link for link in links
+                   if any(str(ipaddress.ip_interface(a).ip) == ip for a in link.get("ipv4") or [])]
+        macs = sorted({norm_mac(link["mac"]) for link in holders if link.get("mac")})
+        if not macs:
+            problems.append(f"{node}: no link holds its InternalIP {ip} (links: "
+                            + ", ".join(f"{link.get('name')} {link.get('ipv4')}" for link in links) + ")")
+            continue
+        found[node] = macs
+    return found, problems
+
+
+def endpoint_nodes(slices) -> list[str]:
+    """Nodes holding a ready endpoint, from EndpointSlices (kubernetes client V1EndpointSlice objects): an
+    endpoint whose ``conditions.ready`` is unset counts as ready (the API's documented default)."""
+    nodes = set()
+    for eps in slices:
+        for ep in getattr(eps, "endpoints", None) or []:
+            ready = getattr(getattr(ep, "conditions", None), "ready", None)
+            if ready is not False and getattr(ep, "node_name", None):
+                nodes.add(ep.node_name)
+    return sorted(nodes)
+
+
+def ready_nodes(nodes) -> list[str]:
+    """Names of Node objects (kubernetes client V1Node) whose Ready condition is True."""
+    return sorted(n.metadata.name for n in nodes
+                  if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])))
 
 
 # ---------------------------------------------------------------------------------------------- failover

@@ -33,19 +33,58 @@ def read_in_pod(session, ns: str, pod: str, names: list[str]) -> dict:
     return parse_values(res.stdout, names)
 
 
-def test_pods_get_the_sysctls_the_lab_claims(session, settings, tuning_pods, measure, warn):
+def sysctl_pods(session, kube, sysctls: dict[str, str], seconds: float) -> tuple[str, dict[str, str], list[str]]:
+    """One probe pod per node configured with ``securityContext.sysctls`` (--expect-pod-sysctl): (namespace,
+    node -> pod, problems). A pod the kubelet refuses (``SysctlForbidden``: an unsafe sysctl not in its
+    ``allowedUnsafeSysctls``) is a problem naming it: such pods never get the value. The namespace is
+    ``privileged`` for PodSecurity (baseline and restricted admit only the safe sysctls); the pods themselves
+    stay non-root with every capability dropped."""
+    from lab.wait import wait_for
+    nodes = sorted(k8s.node_addresses(kube))
+    ns = session.namespace("podsysctl", {k8s.PSA_LABEL: "privileged"})
+    for node in nodes:
+        spec = session.probe_pod_spec(node=node)
+        spec["securityContext"] = {"sysctls": [{"name": n, "value": str(v)} for n, v in sorted(sysctls.items())]}
+        session.create_pod(ns, {"metadata": {"name": f"podsysctl-{node}"[:63], "labels": {
+            "app": "podsysctl", k8s.OWNER_LABEL: "true"}}, "spec": spec})
+
+    def check():
+        pods = kube.core.list_namespaced_pod(ns, label_selector="app=podsysctl").items
+        failed = [p for p in pods if p.status and p.status.phase == "Failed"]
+        ready = [p for p in pods if k8s._pod_ready(p)]
+        done = len(ready) + len(failed) >= len(nodes)
+        return (True, (ready, failed)) if done else (False, f"{len(ready)}/{len(nodes)} ready")
+    ready, failed = wait_for(f"{len(nodes)} pod(s) with securityContext.sysctls ({ns})", seconds, check,
+                             interval=1.0, hint=k8s.WAIT_HINT)
+    problems = [f"{p.spec.node_name}: the kubelet refused pod {ns}/{p.metadata.name} "
+                f"({p.status.reason}: {(p.status.message or '')[:200]}): add the sysctl to the kubelet's "
+                "allowedUnsafeSysctls, or drop it from --expect-pod-sysctl" for p in failed]
+    return ns, {p.spec.node_name: p.metadata.name for p in ready}, problems
+
+
+def test_pods_get_the_sysctls_the_lab_claims(session, kube, settings, tuning_pods, measure, warn):
+    """Plain probe pods against the lab's node claims; with --expect-pod-sysctl, pods configured with those
+    values (securityContext.sysctls) must see them."""
     ns, pods = tuning_pods
-    names = sorted(settings.expect_sysctls)
-    observed = {f"{node}/{pod}": read_in_pod(session, ns, pod, names) for node, pod in sorted(pods.items())}
-    # Pod-side expectations (securityContext.sysctls the lab gives pods) come from the runner once it has an
-    # option for them (issue 13, reworked runner); until then only the node claims are judged.
-    report = judge_pod_sysctls(settings.expect_sysctls, observed, getattr(settings, "expect_pod_sysctls", None))
-    measure("pod_sysctls", {r.name: r.pod_values for r in report.rows})
-    measure("pod_sysctl_notes", len(report.notes))
-    for note in report.notes:
+    wanted = dict(settings.expect_pod_sysctls)
+    claims = {n: v for n, v in settings.expect_sysctls.items() if n not in wanted}
+    observed = {f"{node}/{pod}": read_in_pod(session, ns, pod, sorted(claims)) for node, pod in sorted(pods.items())}
+    report = judge_pod_sysctls(claims, observed)
+    failures, rows, notes = list(report.failures), list(report.rows), list(report.notes)
+    if wanted:
+        sns, spods, refused = sysctl_pods(session, kube, wanted, settings.wait_seconds)
+        configured = {f"{node}/{pod}": read_in_pod(session, sns, pod, sorted(wanted))
+                      for node, pod in sorted(spods.items())}
+        pod_report = judge_pod_sysctls({}, configured, wanted)
+        failures += refused + pod_report.failures
+        rows += pod_report.rows
+        measure("pod_sysctls_configured", {r.name: r.pod_values for r in pod_report.rows})
+    measure("pod_sysctls", {r.name: r.pod_values for r in rows})
+    measure("pod_sysctl_notes", len(notes))
+    for note in notes:
         warn(note)
-    assert not report.failures, ("pods see sysctl values that contradict the lab (sysctl x pod):\n"
-                                 + report.render() + "\n  " + "\n  ".join(report.failures))
+    assert not failures, ("pods see sysctl values that contradict the lab (sysctl x pod):\n"
+                          + report.render() + "\n  " + "\n  ".join(failures))
 
 
 def test_rp_filter_on_pod_devices(session, node_facts, tuning_pods, measure, warn):

@@ -118,6 +118,17 @@ class ExpectedDatapath:
     hubble: bool = True
 
 
+def expected_from_spec(cilium) -> ExpectedDatapath:
+    """What a lab's ``cilium`` section (lab.spec.CiliumSpec, duck-typed: this module imports only stdlib) makes the
+    agents report: KPR True/False from kube_proxy_replacement, Masquerading BPF/iptables from bpf_masquerade, Host
+    Routing BPF exactly when masquerading is BPF (Cilium routes through the host stack, "Legacy", when BPF
+    masquerading is off), the tunnel protocol, and Hubble Ok (the lab's values always enable Hubble)."""
+    return ExpectedDatapath(kube_proxy_replacement="True" if cilium.kube_proxy_replacement else "False",
+                            masquerading="BPF" if cilium.bpf_masquerade else "iptables",
+                            host_routing="BPF" if cilium.bpf_masquerade else "Legacy",
+                            tunnel_protocol=cilium.tunnel_protocol, hubble=True)
+
+
 FALLBACK_CAUSES = {
     "masquerading": "BPF masquerading needs bpf.masquerade=true and kube-proxy replacement; the agent falls back "
                     "to iptables silently when a prerequisite is missing (cilium-dbg status --verbose, agent log)",

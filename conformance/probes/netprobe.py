@@ -1249,13 +1249,28 @@ class Facts:
             return None
 
 
-def interfaces():
+def interfaces(facts: Facts = None):
+    """Every link: name, MTU, operstate, MAC (/sys/class/net/<if>/address) and its IPv4 addresses as "a.b.c.d/len"
+    (rtnetlink RTM_GETADDR; None with an "errors" entry when the dump fails). The suite maps a node's InternalIP
+    to the MAC of the link holding it: the MAC that answers ARP on the lab network."""
+    addrs, addr_error = {}, None
+    try:
+        for entry in rtnl_addrs_v4():
+            addrs.setdefault(entry["index"], []).append("%s/%d" % (entry["address"], entry["prefixlen"]))
+    except (OSError, ValueError, struct.error) as exc:
+        addr_error = "rtnetlink address dump failed: %s" % exc
+        if facts is not None:
+            facts.error("interfaces.ipv4", addr_error)
     out = []
     for name in sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []:
         base = "/sys/class/net/%s/" % name
         mtu = read_text(base + "mtu")
+        index = read_text(base + "ifindex")
+        index = int(index) if index and index.strip().isdigit() else None
         out.append({"name": name, "mtu": int(mtu) if mtu and mtu.strip().isdigit() else None,
-                    "operstate": (read_text(base + "operstate") or "").strip() or None})
+                    "operstate": (read_text(base + "operstate") or "").strip() or None,
+                    "mac": (read_text(base + "address") or "").strip().lower() or None,
+                    "ipv4": None if addr_error else sorted(addrs.get(index, []))})
     return out
 
 
@@ -1335,6 +1350,61 @@ def rtnl_routes_v4(timeout: float = 2.0, max_reads: int = 10000):
             routes += batch
             if done:
                 return routes
+        raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
+    finally:
+        sock.close()
+
+
+RTM_NEWADDR, RTM_GETADDR, IFA_ADDRESS, IFA_LOCAL = 20, 22, 1, 2
+
+
+def parse_rtnl_addrs(data: bytes):
+    """Netlink messages of a RTM_GETADDR dump -> (IPv4 addresses, done). OSError for an NLMSG_ERROR.
+    Each address: {"index", "prefixlen", "address"}; IFA_LOCAL (the interface's own address) wins over
+    IFA_ADDRESS (the peer's on point-to-point links)."""
+    found, offset = [], 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16 or offset + length > len(data):
+            raise ValueError("netlink message of length %d at %d of %d" % (length, offset, len(data)))
+        body = data[offset + 16:offset + length]
+        offset += (length + 3) & ~3
+        if kind == NLMSG_DONE:
+            return found, True
+        if kind == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", body)[0]
+            if err:
+                raise OSError(err, "rtnetlink: %s" % os.strerror(err))
+            continue
+        if kind != RTM_NEWADDR:
+            continue
+        family, prefixlen, _flags, _scope, index = struct.unpack_from("=BBBBI", body)
+        if family != socket.AF_INET:
+            continue
+        attrs = dict(nl_attrs(body, 8))
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if raw:
+            found.append({"index": index, "prefixlen": prefixlen,
+                          "address": socket.inet_ntop(socket.AF_INET, raw[:4])})
+    return found, False
+
+
+def rtnl_addrs_v4(timeout: float = 2.0, max_reads: int = 10000):
+    """All IPv4 addresses from the kernel (RTM_GETADDR dump over NETLINK_ROUTE; unprivileged)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        seq = int.from_bytes(os.urandom(3), "big")
+        ifaddrmsg = struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(ifaddrmsg), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                  + ifaddrmsg)
+        found = []
+        for _ in range(max_reads):
+            batch, done = parse_rtnl_addrs(sock.recv(1 << 16))
+            found += batch
+            if done:
+                return found
         raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
     finally:
         sock.close()
@@ -1535,7 +1605,7 @@ def cmd_facts(_args) -> dict:
         "hostname": socket.gethostname(),
         "kernel": platform.release(),
         "sysctls": {name: read_sysctl(name) for name in TUNING_SYSCTLS},
-        "interfaces": interfaces(),
+        "interfaces": interfaces(facts),
         "default_route": default_route(facts),
         "conntrack": {"count": facts.counter("net.netfilter.nf_conntrack_count"),
                       "max": facts.counter("net.netfilter.nf_conntrack_max"),

@@ -2,6 +2,7 @@
 
 It speaks enough of the real REST API for the real ``kubernetes`` Python client: namespaces, nodes, pods (+ exec
 over the ``v4.channel.k8s.io`` websocket subprotocol), configmaps, services, events, daemonsets, networkpolicies,
+deployments, endpointslices, servicel2statuses.metallb.io (v1beta1, through CustomObjectsApi),
 SelfSubjectAccessReviews, /version; create / get / list (labelSelector, simple fieldSelector) / replace / patch /
 delete / deletecollection. No watch, no admission, no controllers: what kubelet and controllers would do, the test
 does through :class:`ApiDouble` methods (``set_pod_status``, ``on_create`` hooks, ``exec_handler``).
@@ -34,8 +35,11 @@ RESOURCES = {
     ("api/v1", "events"): ("Event", True),
     ("apis/apps/v1", "daemonsets"): ("DaemonSet", True),
     ("apis/networking.k8s.io/v1", "networkpolicies"): ("NetworkPolicy", True),
+    ("apis/apps/v1", "deployments"): ("Deployment", True),
+    ("apis/discovery.k8s.io/v1", "endpointslices"): ("EndpointSlice", True),
+    ("apis/metallb.io/v1beta1", "servicel2statuses"): ("ServiceL2Status", True),
 }
-PATH = re.compile(r"^/(api/v1|apis/[^/]+/v1)(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z]+)"
+PATH = re.compile(r"^/(api/v1|apis/[^/]+/v1(?:beta1)?)(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z0-9]+)"
                   r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?$")
 
 

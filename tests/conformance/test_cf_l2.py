@@ -131,3 +131,32 @@ def test_failover_is_skipped_with_the_reason_when_fewer_than_two_may_announce(kw
     reason = failover_skip_reason(eligible, why_not)
     assert reason.startswith("failover needs two nodes that may announce the VIP; 1 may")
     assert text in reason and f"cp1: labelled {EXCLUDE_LB_LABEL}" in reason
+
+
+# ---------------------------------------------------------------------------------------------- node MACs
+
+
+def _facts(*links, errors=()):
+    return {"interfaces": [dict(zip(("name", "mac", "ipv4"), link)) for link in links], "errors": list(errors)}
+
+
+def test_node_mac_is_the_mac_of_the_link_holding_the_internal_ip():
+    from conformance.l2 import lab_link_macs
+    facts = {"w1": _facts(("lo", "00:00:00:00:00:00", ["127.0.0.1/8"]), ("enp1s0", "52:54:00:AA:00:11",
+                                                                      ["192.168.150.11/24"]),
+                          ("cilium_host", "ee:ee:00:00:00:01", ["10.244.1.1/32"])),
+             "w2": _facts(("enp1s0", "52:54:00:aa:00:12", ["192.168.150.12/24"]))}
+    macs, problems = lab_link_macs(facts, {"w1": "192.168.150.11", "w2": "192.168.150.12"})
+    assert (macs, problems) == ({"w1": ["52:54:00:aa:00:11"], "w2": ["52:54:00:aa:00:12"]}, [])
+
+
+def test_node_mac_unknown_is_a_problem_never_a_guess():
+    from conformance.l2 import lab_link_macs
+    facts = {"w1": _facts(("enp1s0", "52:54:00:aa:00:11", ["192.168.150.99/24"])),
+             "w2": _facts(("enp1s0", "52:54:00:aa:00:12", None),
+                          errors=[{"what": "interfaces.ipv4", "error": "rtnetlink address dump failed: EPERM"}])}
+    macs, problems = lab_link_macs(facts, {"w1": "192.168.150.11", "w2": "192.168.150.12", "w3": "192.168.150.13"})
+    assert macs == {}
+    assert problems[0].startswith("w1: no link holds its InternalIP 192.168.150.11 (links: enp1s0")
+    assert problems[1] == "w2: netprobe facts could not list IPv4 addresses (rtnetlink address dump failed: EPERM)"
+    assert problems[2] == "w3: no netprobe facts"

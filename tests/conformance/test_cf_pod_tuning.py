@@ -84,3 +84,26 @@ def test_pod_rp_filter_strict_is_a_note():
     assert judge_pod_rp_filter("ns/p", keys) == ["ns/p: eth0 rp_filter is 1 (strict)"]
     assert judge_pod_rp_filter("ns/p", {**keys, "net.ipv4.conf.eth0.rp_filter": "2"}) == []
     assert "could not be read" in judge_pod_rp_filter("ns/p", {"net.ipv4.conf.all.rp_filter": None})[0]
+
+
+
+def _settings_with(**given):
+    """conformance.conftest._settings on a config whose options are the parser's defaults plus ``given``."""
+    from types import SimpleNamespace
+
+    from conformance.conftest import _settings
+    defaults = {"--expect-sysctl": [], "--expect-pod-sysctl": [], "--lb-pool": [], "--conntrack-hold": 10.0,
+                "--wait-timeout": 300.0, "--policy-timeout": 60.0, "--policy-consecutive": 3,
+                "--conntrack-peak": 200000, "--failover-seconds": 30.0, "--results-dir": "results"}
+    values = {**defaults, **given}
+    return _settings(SimpleNamespace(getoption=lambda name: values.get(name)))
+
+
+def test_expect_pod_sysctl_option_sets_the_pod_expectation_and_rejects_a_bad_form():
+    import pytest
+    s = _settings_with(**{"--kubeconfig": "/nonexistent", "--expect-pod-sysctl": [
+        "net.core.somaxconn=8192", "net.ipv4.ip_local_port_range = 1024 65000"]})
+    assert s.expect_pod_sysctls == {"net.core.somaxconn": "8192", "net.ipv4.ip_local_port_range": "1024 65000"}
+    assert _settings_with(**{"--kubeconfig": "/nonexistent"}).expect_pod_sysctls == {}
+    with pytest.raises(pytest.UsageError, match="--expect-pod-sysctl 'net.core.somaxconn': use NAME=VALUE"):
+        _settings_with(**{"--kubeconfig": "/nonexistent", "--expect-pod-sysctl": ["net.core.somaxconn"]})

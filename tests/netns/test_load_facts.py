@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from topo import NETPROBE, VIP, Overlay, build, capture
+from topo import NETPROBE, VIP, Overlay, build, capture, sh
 
 N = 3000
 
@@ -112,9 +112,12 @@ def test_facts_reads_sysctls_interfaces_and_conntrack_in_a_netns(lab):
     ns = lab.netns("node")
     lab.sysctl(ns, "net.core.somaxconn", 12345)
     lab.ip(ns, "link", "add", "d0", "mtu", "1400", "type", "veth", "peer", "name", "d1")
+    lab.ip(ns, "addr", "add", "10.202.0.1/24", "dev", "d0")
     facts = lab.probe(ns, "facts")
     assert facts["sysctls"]["net.core.somaxconn"] == 12345
-    assert {"name": "d0", "mtu": 1400, "operstate": "down"} in facts["interfaces"]
+    mac = sh("ip", "netns", "exec", ns, "cat", "/sys/class/net/d0/address").stdout.strip()
+    assert {"name": "d0", "mtu": 1400, "operstate": "down", "mac": mac, "ipv4": ["10.202.0.1/24"]} \
+        in facts["interfaces"]
     assert facts["default_route"] is None
     assert facts["conntrack"]["count"] == 0 and facts["conntrack"]["max"] > 0
     assert set(facts["conntrack"]["stat"]) >= {"found", "invalid", "insert_failed", "drop", "early_drop"}

@@ -183,3 +183,14 @@ def test_snmp_without_ip_rows_does_not_parse_as_no_counters(text):
 def test_conntrack_stat_without_rows_is_an_error():
     with pytest.raises(ValueError):
         netprobe.parse_conntrack_stat(STAT.splitlines()[0] + "\n")
+
+
+def test_rtnetlink_address_dump_lists_every_ipv4_address_by_link():
+    """A real RTM_GETADDR dump (a node namespace: lo, lan0 with 10.201.0.1/24 and the VIP 10.201.0.200/32)."""
+    data = bytes.fromhex((FIXTURES / "rtnetlink_addr_dump_node1_lan0.hex").read_text())
+    addrs, done = netprobe.parse_rtnl_addrs(data)
+    assert done is True
+    assert [(a["index"], a["address"], a["prefixlen"]) for a in addrs] == [
+        (1, "127.0.0.1", 8), (3, "10.201.0.1", 24), (3, "10.201.0.200", 32)]
+    with pytest.raises(ValueError):
+        netprobe.parse_rtnl_addrs(data[:40])
