@@ -72,6 +72,14 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         },
         "apiServer": {"certSANs": [str(cp.ip), cp.name]},
     }
+    if lab.libvirt.accel == "tcg":
+        # Emulated nodes run 5-10x slower: with the default 15 s lease and 10 s renew deadline, the controller
+        # manager and scheduler lose their leases under load and restart ("Leaderelection lost", seen in TCG).
+        election = [{"name": "leader-elect-lease-duration", "value": "60s"},
+                    {"name": "leader-elect-renew-deadline", "value": "40s"},
+                    {"name": "leader-elect-retry-period", "value": "8s"}]
+        cluster["controllerManager"] = {"extraArgs": [dict(e) for e in election]}
+        cluster["scheduler"] = {"extraArgs": [dict(e) for e in election]}
     kubelet = {
         "apiVersion": KUBELET_API,
         "kind": "KubeletConfiguration",

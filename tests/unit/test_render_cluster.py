@@ -282,3 +282,11 @@ def test_kubeadm_deadlines_follow_the_spec():
     assert init["timeouts"] == {"controlPlaneComponentHealthCheck": "1234s", "kubeletHealthCheck": "1234s"}
     join = yaml.safe_load(join_configuration(lab, lab.workers[0], "abcdef.0123456789abcdef", "sha256:" + "a" * 64))
     assert join["timeouts"]["tlsBootstrap"] == "567s"
+
+
+def test_emulated_labs_get_leader_election_leases_that_survive_tcg():
+    cluster = kubeadm_documents(lab_with(libvirt={"accel": "tcg"}))[1]
+    args = {a["name"]: a["value"] for a in cluster["scheduler"]["extraArgs"]}
+    assert args["leader-elect-lease-duration"] == "60s" and args["leader-elect-renew-deadline"] == "40s"
+    assert cluster["controllerManager"]["extraArgs"] == cluster["scheduler"]["extraArgs"]
+    assert "scheduler" not in kubeadm_documents(default_lab())[1]  # KVM/auto: kubeadm's defaults
