@@ -7,7 +7,7 @@ from lab.errors import RemoteError
 from lab.kubectl import ADMIN_CONF, LAB_DIR, cp_host, kubectl
 from lab.logs import save_journals, save_log
 from lab.phase import Phase, skip_without_kubernetes
-from lab.render.kubeadm import control_plane, render_kubeadm
+from lab.render.kubeadm import PATCHES_DIR, control_plane, kubeadm_patches, render_kubeadm
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -46,6 +46,11 @@ class Kubeadm(Phase):
             host.run("kubeadm", "reset", "--force", sudo=True, timeout=lab.timeouts.command)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(KUBEADM_YAML, render_kubeadm(lab), mode=0o600)
+        patches = kubeadm_patches(lab)
+        if patches:
+            host.run("install", "-d", "-m", "0700", PATCHES_DIR, sudo=True)
+            for name, text in patches.items():
+                host.put(f"{PATCHES_DIR}/{name}", text, mode=0o600)
         check = host.run("kubeadm", "config", "validate", "--config", KUBEADM_YAML, check=False, sudo=True)
         if not check.ok:
             raise RemoteError(f"{node}: kubeadm rejects the rendered kubeadm.yaml:\n{check.tail()}",

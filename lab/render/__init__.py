@@ -13,8 +13,10 @@ def render_cluster(lab: Lab) -> dict[str, str]:
     if not lab.kubernetes.enabled:
         return {}
     from lab.render.cilium import render_cilium_values
-    from lab.render.kubeadm import render_kubeadm
+    from lab.render.kubeadm import kubeadm_patches, render_kubeadm
     from lab.render.metallb import render_metallb
 
-    return {KUBEADM_FILE: render_kubeadm(lab), CILIUM_FILE: render_cilium_values(lab),
-            METALLB_FILE: render_metallb(lab)}
+    files = {KUBEADM_FILE: render_kubeadm(lab), CILIUM_FILE: render_cilium_values(lab),
+             METALLB_FILE: render_metallb(lab)}
+    files.update({f"kubeadm-patches/{name}": text for name, text in kubeadm_patches(lab).items()})
+    return files

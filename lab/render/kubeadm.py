@@ -26,6 +26,16 @@ def api_endpoint(lab: Lab) -> str:
 
 
 IMAGE_REPOSITORY = "registry.k8s.io"
+#: On control planes: kubeadm's patches for its static pods (``kubeadm init --config`` reads them from here).
+PATCHES_DIR = "/etc/lab/kubeadm-patches"
+#: Emulated (TCG) nodes: probes that a 5-10x slower control plane passes. kubeadm's defaults (liveness 8 x 10 s with
+#: a 15 s timeout, the API server's readiness every second) killed a healthy but starved API server over and over in
+#: TCG, each restart adding load: "TLS handshake timeout", then a restart loop.
+EMULATED_PROBES = {
+    "livenessProbe": {"failureThreshold": 60, "timeoutSeconds": 60},
+    "readinessProbe": {"periodSeconds": 10, "timeoutSeconds": 60},
+}
+STATIC_PODS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
 
 
 def kubernetes_version(lab: Lab) -> str:
@@ -56,6 +66,8 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         "timeouts": {"controlPlaneComponentHealthCheck": f"{lab.timeouts.kubeadm}s",
                      "kubeletHealthCheck": f"{lab.timeouts.kubeadm}s"},
     }
+    if kubeadm_patches(lab):
+        init["patches"] = {"directory": PATCHES_DIR}
     if lab.cilium.kube_proxy_replacement:
         init["skipPhases"] = ["addon/kube-proxy"]  # Cilium replaces kube-proxy: never install it
     cluster: dict = {
@@ -87,6 +99,18 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         "containerRuntimeEndpoint": CRI_SOCKET,
     }
     return [init, cluster, kubelet]
+
+
+def kubeadm_patches(lab: Lab) -> dict[str, str]:
+    """File name -> strategic-merge patch for kubeadm's static pods (none unless the lab is emulated)."""
+    if lab.libvirt.accel != "tcg":
+        return {}
+    out = {}
+    for pod in STATIC_PODS:
+        probes = {k: dict(v) for k, v in EMULATED_PROBES.items() if pod == "kube-apiserver" or k == "livenessProbe"}
+        patch = {"spec": {"containers": [{"name": pod, **probes}]}}
+        out[f"{pod}+strategic.yaml"] = yaml.safe_dump(patch, sort_keys=False)
+    return out
 
 
 def dump_documents(docs: list[dict], header: str = "") -> str:

@@ -2,6 +2,7 @@
 exactly what the bundle holds, and what we render is accepted by the real kubeadm and the real chart."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -80,3 +81,29 @@ def test_metallb_manifest_names_only_bundle_images(bundle):
     entry = next(e for e in manifest.of_kind("manifest") if e.component == "metallb")
     images = set(IMAGE_LINE.findall(Path(path / entry.path).read_text()))
     assert images and images <= refs(manifest), images - refs(manifest)
+
+
+def test_real_kubeadm_applies_the_emulation_patches(bundle, tmp_path):
+    """kubeadm's own control-plane phase (--dry-run into a temporary directory: nothing on this host changes)
+    renders the API server's static pod with our probe patches applied."""
+    path, _ = bundle
+    files = render_cluster(load_lab(SPEC))
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for name, text in files.items():
+        if name.startswith("kubeadm-patches/"):
+            (patches / name.split("/", 1)[1]).write_text(text)
+    config = yaml.safe_load_all(files["kubeadm.yaml"])
+    docs = list(config)
+    docs[0]["patches"]["directory"] = str(patches)
+    (tmp_path / "kubeadm.yaml").write_text(yaml.safe_dump_all(docs))
+    dry = tmp_path / "dry"
+    dry.mkdir()
+    out = subprocess.run([str(path / "bin/kubeadm"), "init", "phase", "control-plane", "apiserver", "--config",
+                          str(tmp_path / "kubeadm.yaml"), "--dry-run"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "KUBEADM_INIT_DRYRUN_DIR": str(dry)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'Applied patch of type "application/strategic-merge-patch+json" to target "kube-apiserver"' in out.stdout
+    container = yaml.safe_load((dry / "kube-apiserver.yaml").read_text())["spec"]["containers"][0]
+    assert container["livenessProbe"]["failureThreshold"] == 60
+    assert container["readinessProbe"]["periodSeconds"] == 10

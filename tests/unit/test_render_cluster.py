@@ -290,3 +290,17 @@ def test_emulated_labs_get_leader_election_leases_that_survive_tcg():
     assert args["leader-elect-lease-duration"] == "60s" and args["leader-elect-renew-deadline"] == "40s"
     assert cluster["controllerManager"]["extraArgs"] == cluster["scheduler"]["extraArgs"]
     assert "scheduler" not in kubeadm_documents(default_lab())[1]  # KVM/auto: kubeadm's defaults
+
+
+def test_emulated_labs_patch_kubeadms_static_pod_probes():
+    from lab.render.kubeadm import PATCHES_DIR, kubeadm_patches
+
+    lab = lab_with(libvirt={"accel": "tcg"})
+    patches = kubeadm_patches(lab)
+    assert sorted(patches) == ["etcd+strategic.yaml", "kube-apiserver+strategic.yaml",
+                               "kube-controller-manager+strategic.yaml", "kube-scheduler+strategic.yaml"]
+    api = yaml.safe_load(patches["kube-apiserver+strategic.yaml"])["spec"]["containers"][0]
+    assert api["name"] == "kube-apiserver" and api["livenessProbe"]["failureThreshold"] == 60
+    assert api["readinessProbe"]["periodSeconds"] == 10
+    assert kubeadm_documents(lab)[0]["patches"] == {"directory": PATCHES_DIR}
+    assert kubeadm_patches(default_lab()) == {} and "patches" not in kubeadm_documents(default_lab())[0]
