@@ -40,14 +40,26 @@ def is_transport_error(exc: BaseException) -> bool:
     return False
 
 
+def api_starting(exc: BaseException) -> bool:
+    """For waits on our own cluster with its admin credentials: transport errors, and also 401, 403 and 429. A
+    (re)starting API server answers before its authorizer has synced RBAC, and refuses even kubernetes-admin for a
+    while (seen: "User kubernetes-admin cannot get resource daemonsets" during an API server restart under TCG);
+    429 is its own flow control. A real permission problem still ends at the deadline, with the 403 as last state."""
+    if is_transport_error(exc):
+        return True
+    api = sys.modules.get("kubernetes.client.exceptions")
+    return api is not None and isinstance(exc, api.ApiException) and exc.status in (401, 403, 429)
+
+
 def wait_for(what: str, deadline_s: float, probe: Callable[[], tuple[bool, T]], *, interval: float = 2.0,
-             hint: str | None = None, log: Callable[[str], None] | None = None) -> T:
+             hint: str | None = None, log: Callable[[str], None] | None = None,
+             transient: Callable[[BaseException], bool] = is_transport_error) -> T:
     """Call ``probe() -> (done, seen)`` until ``done`` or ``deadline_s`` passes, and return the last ``seen``.
 
     ``seen`` is what the probe observed: the result when done (a detail text, the ready pods, an address), the
     state to report when not. At the deadline WaitTimeout names ``what``, the deadline and the last ``seen``.
-    A transport error from ``probe`` (:func:`is_transport_error`) counts as "not yet" and its text becomes the
-    last ``seen``; any other exception propagates at once."""
+    A transient error from ``probe`` (``transient``: by default :func:`is_transport_error`) counts as "not yet"
+    and its text becomes the last ``seen``; any other exception propagates at once."""
     if log:
         log(f"waiting ≤ {deadline_s:.0f}s for {what}")
     start = time.monotonic()
@@ -56,7 +68,7 @@ def wait_for(what: str, deadline_s: float, probe: Callable[[], tuple[bool, T]], 
         try:
             done, seen = probe()
         except Exception as exc:
-            if not is_transport_error(exc):
+            if not transient(exc):
                 raise
             done, seen = False, f"{type(exc).__name__}: {exc}"
         if done:

@@ -10,7 +10,7 @@ from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.cilium import CHART, CHART_REPO, NAMESPACE, RELEASE, cilium_values, render_cilium_values
-from lab.wait import wait_for
+from lab.wait import api_starting, wait_for
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -46,6 +46,7 @@ def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
         return ds_ok and op_ok, f"{ds}; {op}"
 
     wait_for("Cilium agent DaemonSet and operator rolled out", deadline_s, probe, interval=5, log=ctx.log.info,
+             transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n kube-system get pods -o wide`; raise timeouts.rollout")
 
 

@@ -10,7 +10,7 @@ from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_roll
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.metallb import (API, NAMESPACE, metallb_documents, native_manifest_url, pool_addresses, pool_name,
                                 l2_name, render_metallb)
-from lab.wait import matches_any, retry_command, wait_for
+from lab.wait import api_starting, matches_any, retry_command, wait_for
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -47,6 +47,7 @@ def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
         return c_ok and s_ok and w_ok, f"{c}; {s}; {w}"
 
     wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5, log=ctx.log.info,
+             transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n metallb-system get pods -o wide`; raise timeouts.rollout")
 
 

@@ -8,7 +8,7 @@ from lab.cilium_status import kpr_mode
 from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import api_client, cp_host, kubectl, node_ready, not_ready, pod_ready
 from lab.phase import Phase, skip_without_kubernetes
-from lab.wait import wait_for
+from lab.wait import api_starting, wait_for
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -63,5 +63,5 @@ class Ready(Phase):
             return not problems, "; ".join(problems) or "all checks pass"
 
         wait_for("every node Ready, kube-system pods Ready, Cilium kube-proxy replacement active",
-                 ctx.lab.timeouts.ready, probe, interval=5, log=ctx.log.info,
+                 ctx.lab.timeouts.ready, probe, interval=5, log=ctx.log.info, transient=api_starting,
                  hint="`lab status` and `lab logs`; raise timeouts.ready if the lab is slow")

@@ -406,3 +406,28 @@ def test_fstab_swap_entries_commented_once():
 def test_kubernetes_repo_is_the_specs_minor():
     assert k8s_repo_line(default_lab()).startswith(
         "deb [signed-by=/etc/apt/keyrings/kubernetes-apt-keyring.gpg] https://pkgs.k8s.io/core:/stable:/v1.37/deb/")
+
+
+def test_cluster_waits_retry_forbidden_while_the_api_server_starts():
+    """Seen on the real CI cluster: a restarting API server refused kubernetes-admin with 403 until its RBAC
+    cache synced. Cluster waits (api_starting) retry 401/403/429; the default wait propagates a 403 at once."""
+    from kubernetes.client.exceptions import ApiException
+
+    from lab.errors import WaitTimeout
+    from lab.wait import api_starting, wait_for
+
+    answers = iter([ApiException(status=403, reason="Forbidden"), ApiException(status=429), (True, "rolled out")])
+
+    def probe():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert wait_for("rollout", 30, probe, interval=0, transient=api_starting) == "rolled out"
+    with pytest.raises(ApiException):
+        wait_for("rollout", 30, lambda: (_ for _ in ()).throw(ApiException(status=403)), interval=0)
+    with pytest.raises(WaitTimeout, match="Forbidden"):
+        wait_for("rollout", 0.2, lambda: (_ for _ in ()).throw(ApiException(status=403, reason="Forbidden")),
+                 interval=0.05, transient=api_starting)
+    assert not api_starting(ApiException(status=404))
