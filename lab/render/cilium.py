@@ -58,7 +58,18 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
     }
     if lab.kubernetes.source == "bundle":
         values = deep_merge(values, bundle_values())
+    if lab.libvirt.accel == "tcg":
+        values = deep_merge(values, EMULATED_VALUES)
     return deep_merge(values, cil.values)
+
+
+#: Emulated (TCG) nodes run 5-10x slower: the operator's 15 s leader lease and the agent's liveness budget
+#: (10 x 30 s) ended in restart loops on the CI cluster, each agent restart recompiling the datapath with clang.
+EMULATED_VALUES: dict[str, Any] = {
+    "operator": {"extraArgs": ["--leader-election-lease-duration=60s", "--leader-election-renew-deadline=40s",
+                               "--leader-election-retry-period=8s"]},
+    "livenessProbe": {"failureThreshold": 30},
+}
 
 
 def bundle_values() -> dict[str, Any]:

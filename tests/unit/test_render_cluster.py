@@ -304,3 +304,10 @@ def test_emulated_labs_patch_kubeadms_static_pod_probes():
     assert api["readinessProbe"]["periodSeconds"] == 10
     assert kubeadm_documents(lab)[0]["patches"] == {"directory": PATCHES_DIR}
     assert kubeadm_patches(default_lab()) == {} and "patches" not in kubeadm_documents(default_lab())[0]
+
+
+def test_emulated_labs_give_cilium_leases_and_liveness_fit_for_tcg():
+    values = cilium_values(lab_with(libvirt={"accel": "tcg"}))
+    assert "--leader-election-lease-duration=60s" in values["operator"]["extraArgs"]
+    assert values["livenessProbe"] == {"failureThreshold": 30}
+    assert "livenessProbe" not in cilium_values(default_lab())
