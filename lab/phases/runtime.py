@@ -218,9 +218,36 @@ def swap_off(host: "Host") -> None:
         host.put("/etc/fstab", fixed, mode=0o644)
 
 
+#: The first Kubernetes minor whose kubelet needs containerd 2: the kubelet's fallback for a runtime that does not
+#: report its cgroup driver (containerd 1.x) is removed in 1.38 (kubernetes#134906); 1.35 was SIG Node's last
+#: release supporting containerd 1.x, and 1.36-1.37 still start on it through that fallback.
+CONTAINERD2_FROM_MINOR = 38
+_CONTAINERD_VERSION = re.compile(r"\bv?(\d+)\.(\d+)\.(\d+)")
+
+
+def containerd_too_old(version_output: str, kubernetes_version: str) -> str | None:
+    """Why this containerd cannot run this Kubernetes (None when it can). ``version_output``: `containerd --version`."""
+    found = _CONTAINERD_VERSION.search(version_output.split(" ", 2)[-1] if version_output else "")
+    if not found:
+        return f"cannot read containerd's version from {version_output.strip()!r}"
+    major = int(found.group(1))
+    minor = int(K8S_VERSION.match(kubernetes_version).group(1)) if K8S_VERSION.match(kubernetes_version) else 0
+    if major < 2 and minor >= CONTAINERD2_FROM_MINOR:
+        return (f"containerd {found.group(0)} is too old for Kubernetes {kubernetes_version}: from "
+                f"1.{CONTAINERD2_FROM_MINOR} the kubelet needs containerd 2.x (its fallback for containerd 1.x is gone)")
+    return None
+
+
 def ensure_containerd(host: "Host", lab: "Lab") -> None:
     have = host.run("sh", "-c", "command -v containerd && command -v runc", check=False, sudo=True)
     if have.ok:
+        if lab.kubernetes.enabled:
+            why = containerd_too_old(host.run("containerd", "--version", check=False, sudo=True).stdout,
+                                     lab.kubernetes.version)
+            if why:
+                raise RemoteError(f"{host.name}: {why}",
+                                  hint="use an image with containerd 2.x (Ubuntu 24.04 ships 2.2), or Kubernetes "
+                                       "1.37 on Debian 12's containerd 1.6")
         return
     if not lab.kubernetes.enabled:
         raise RemoteError(f"{host.name}: containerd or runc is missing from the image and kubernetes.enabled is "

@@ -431,3 +431,17 @@ def test_cluster_waits_retry_forbidden_while_the_api_server_starts():
         wait_for("rollout", 0.2, lambda: (_ for _ in ()).throw(ApiException(status=403, reason="Forbidden")),
                  interval=0.05, transient=api_starting)
     assert not api_starting(ApiException(status=404))
+
+
+@pytest.mark.parametrize("output, version, too_old", [
+    ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", "1.37.2", False),  # Debian 12
+    ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", "1.38.0", True),
+    ("containerd containerd.io v2.2.0 1c4457e00facac03ce1d75f7b6777a7a851e5c41", "1.38.0", False),
+])
+def test_containerd_too_old_for_the_kubernetes_version(output, version, too_old):
+    from lab.phases.runtime import containerd_too_old
+
+    why = containerd_too_old(output, version)
+    assert (why is not None) == too_old, why
+    if too_old:
+        assert "containerd 1.6.20 is too old for Kubernetes 1.38.0" in why and "2.x" in why
