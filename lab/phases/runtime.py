@@ -234,7 +234,7 @@ def containerd_too_old(version_output: str, kubernetes_version: str) -> str | No
     minor = int(K8S_VERSION.match(kubernetes_version).group(1)) if K8S_VERSION.match(kubernetes_version) else 0
     if major < 2 and minor >= CONTAINERD2_FROM_MINOR:
         return (f"containerd {found.group(0)} is too old for Kubernetes {kubernetes_version}: from "
-                f"1.{CONTAINERD2_FROM_MINOR} the kubelet needs containerd 2.x (its fallback for containerd 1.x is gone)")
+                f"1.{CONTAINERD2_FROM_MINOR} the kubelet needs containerd 2.x (its containerd 1.x fallback is gone)")
     return None
 
 

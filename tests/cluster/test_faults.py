@@ -58,8 +58,8 @@ def test_kube_proxy_beside_kpr_fails_the_kpr_checks(cluster, cluster_state, clus
 
 def test_deleted_default_deny_names_the_leaking_cells(cluster, cluster_state, bundle, kubeconfig):
     with network_policies_deleted(bundle[0], kubeconfig, "cf-") as deleted:
-        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-policy",
-                                        "conformance/test_default_deny.py::test_step2_default_deny_blocks_everything_in_and_out")
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-policy", "conformance/test_default_deny.py::"
+                                        "test_step2_default_deny_blocks_everything_in_and_out")
     assert deleted, "the fault never saw a NetworkPolicy to delete"
     outcome, message = outcome_of(outcomes, "test_step2")
     assert rc == 1 and outcome == "failure", tail
