@@ -64,7 +64,11 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         # kubeadm's own deadlines follow the spec's: its 4-minute default for a healthy control plane is too short
         # for an emulated (TCG) node, and a shorter one than ours would fail before our wait does.
         "timeouts": {"controlPlaneComponentHealthCheck": f"{lab.timeouts.kubeadm}s",
-                     "kubeletHealthCheck": f"{lab.timeouts.kubeadm}s"},
+                     "kubeletHealthCheck": f"{lab.timeouts.kubeadm}s",
+                     # kubeadm retries each API call (10 s a try) for this long; its 1 m default ran out on the
+                     # CI cluster's freshly started API server ("could not bootstrap the admin user").
+                     "kubernetesAPICall": f"{min(lab.timeouts.kubeadm, 600)}s",
+                     "etcdAPICall": f"{min(lab.timeouts.kubeadm, 600)}s"},
     }
     if kubeadm_patches(lab):
         init["patches"] = {"directory": PATCHES_DIR}

@@ -279,7 +279,8 @@ def test_kubeadm_yaml_has_no_comment_only_document():
 def test_kubeadm_deadlines_follow_the_spec():
     lab = lab_with(timeouts={"kubeadm": 1234, "join": 567})
     init = kubeadm_documents(lab)[0]
-    assert init["timeouts"] == {"controlPlaneComponentHealthCheck": "1234s", "kubeletHealthCheck": "1234s"}
+    assert init["timeouts"] == {"controlPlaneComponentHealthCheck": "1234s", "kubeletHealthCheck": "1234s",
+                                "kubernetesAPICall": "600s", "etcdAPICall": "600s"}
     join = yaml.safe_load(join_configuration(lab, lab.workers[0], "abcdef.0123456789abcdef", "sha256:" + "a" * 64))
     assert join["timeouts"]["tlsBootstrap"] == "567s"
 
