@@ -26,7 +26,7 @@ ifeq (lab,$(firstword $(MAKECMDGOALS)))
   endif
 endif
 
-.PHONY: help lab deps sysdeps sysdeps-test venv image bundle libvirtd conformance test test-cluster test-unit test-e2e bench nightly clean
+.PHONY: help lab deps sysdeps sysdeps-test venv image bundle libvirtd conformance test test-cluster test-cluster-faults test-unit test-e2e bench nightly clean
 
 help:
 	@echo "make lab up|down|status|render|ssh NODE|logs  (LAB=$(LAB))"
@@ -35,6 +35,7 @@ help:
 	@echo "make image         build the offline Debian test image into the cache"
 	@echo "make bundle        build the offline Kubernetes/Cilium/MetalLB bundle (FROM=release to fetch)"
 	@echo "make test-cluster  the real-cluster tier: lab up from the bundle in TCG VMs + conformance against it"
+	@echo "make test-cluster-faults  the same, then faults injected into that cluster at their own layer"
 	@echo "make deps          system packages and the virtualenv"
 
 lab: deps libvirtd
@@ -90,6 +91,11 @@ test: sysdeps-test venv image
 # The real-cluster tier: Kubernetes + Cilium + MetalLB from the offline bundle in TCG VMs, then the conformance
 # suite against it. Builds the bundle first when it is not cached (about an hour from cold on 2 cores).
 test-cluster: sysdeps-test venv image bundle
+	bash scripts/libvirtd-netns.sh start
+	bash scripts/run-tests.sh --cluster -m 'not faults' $(PYTEST_ARGS)
+
+# The same cluster, then every fault brought into it at its own layer (each restores health afterwards).
+test-cluster-faults: sysdeps-test venv image bundle
 	bash scripts/libvirtd-netns.sh start
 	bash scripts/run-tests.sh --cluster $(PYTEST_ARGS)
 

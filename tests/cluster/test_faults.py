@@ -11,7 +11,7 @@ from clusterlab import RESULTS
 from faults import (cilium_values_override, kube_proxy_installed, network_policies_deleted, run_checks,
                     sysctl_reverted)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.root]
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")
