@@ -93,3 +93,18 @@ def test_health_text_counts():
     assert judge_health(read("status_bpf.txt"), NODES) == []
     assert judge_health(read("status_legacy.txt"), NODES) == ["cilium-health: only 2/3 nodes reachable"]
     assert health_problems("garbage")[1] == ["no 'Cluster health:' line and no JSON in the cilium-health output"]
+
+
+def test_captured_status_of_the_real_ci_cluster_parses_and_passes():
+    """Output of the real agent (tests/fixtures/cilium/README.md says where it was captured): the parser, written
+    from the Go models' JSON tags, reads it, and the healthy datapath passes."""
+    from pathlib import Path
+
+    from lab.cilium_status import ExpectedDatapath, cilium_kpr, datapath_modes, judge_datapath
+
+    text = (Path(__file__).parents[1] / "fixtures/cilium/captured_cik8s_w1_status.json").read_text()
+    modes = datapath_modes(text)
+    assert (modes.kube_proxy_replacement, modes.masquerading, modes.host_routing, modes.tunnel_protocol) == \
+        ("True", "BPF", "BPF", "vxlan")
+    assert judge_datapath(modes, ExpectedDatapath()) == []
+    assert cilium_kpr(text) == (True, "True")
