@@ -5,7 +5,6 @@ commands a user runs on the hypervisor host).
 from __future__ import annotations
 
 import base64
-import os
 import shlex
 import socket
 import subprocess
@@ -65,10 +64,6 @@ class Host:
         text = data.decode() if isinstance(data, bytes) else data
         self.run("install", "-m", f"{mode:o}", "/dev/stdin", path, sudo=sudo, input=text)
 
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
-        """Copy a (large, binary) local file to ``path`` on the host, root-owned with ``mode``."""
-        raise NotImplementedError
-
     def _exec(self, line: str, timeout: float | None, input: str | None) -> CommandResult:
         raise NotImplementedError
 
@@ -80,9 +75,6 @@ class LocalHost(Host):
     def __init__(self, name: str = "localhost", default_timeout: float = 600):
         self.name = name
         self.default_timeout = default_timeout
-
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
-        self.run("install", "-D", "-m", f"{mode:o}", str(local), path, sudo=os.geteuid() != 0)
 
     def _exec(self, line: str, timeout: float | None, input: str | None) -> CommandResult:
         limit = timeout or self.default_timeout
@@ -174,24 +166,6 @@ class ParamikoHost(Host):
             raise RemoteError(f"{self.name}: SSH transport failed running `{line}`: {exc}",
                               hint="the node may have rebooted; run the command again") from None
         return CommandResult(line, rc, out, err)
-
-    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
-        """SFTP to a private temporary file in the user's home, then ``sudo install`` it into place."""
-        if self._client is None:
-            self.connect()
-        staging = f".lab-upload-{Path(path).name}-{os.getpid()}"
-        try:
-            sftp = self._client.open_sftp()
-            try:
-                sftp.put(str(local), staging, confirm=True)
-            finally:
-                sftp.close()
-        except TRANSPORT_ERRORS as exc:
-            self.close()
-            raise RemoteError(f"{self.name}: uploading {local} to {path} failed: {exc}",
-                              hint="the node may have rebooted or run out of disk; run the command again") from None
-        self.run("install", "-D", "-m", f"{mode:o}", staging, path, sudo=True)
-        self.run("rm", "-f", staging)
 
     def close(self) -> None:
         if self._client is not None:
