@@ -430,3 +430,24 @@ def node_addresses(kube: Kube) -> dict[str, str]:
             if addr.type == "InternalIP":
                 out[node.metadata.name] = addr.address
     return out
+
+
+def load_balancer_service(name: str, app: str, target_port: int, *, annotations: dict | None = None,
+                          local: bool = False) -> dict:
+    """A LoadBalancer Service on port 80 for the pods labelled app=``app`` (ETP Local when ``local``)."""
+    spec = {"type": "LoadBalancer", "selector": {"app": app},
+            "ports": [{"name": "http", "port": 80, "targetPort": target_port, "protocol": "TCP"}]}
+    if local:
+        spec["externalTrafficPolicy"] = "Local"
+    return {"apiVersion": "v1", "kind": "Service", "spec": spec,
+            "metadata": {"name": name, "annotations": annotations or {}, "labels": {OWNER_LABEL: "true"}}}
+
+
+def wait_ingress(kube, ns: str, name: str, seconds: float) -> str:
+    """The Service's first LoadBalancer ingress IP, once the controller (MetalLB) has assigned one."""
+    def check():
+        svc = kube.core.read_namespaced_service(name, ns)
+        ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
+        ips = [i.ip for i in ingress if i.ip]
+        return (True, ips[0]) if ips else (False, "status.loadBalancer.ingress=empty")
+    return wait_for(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check, interval=1.0, hint=WAIT_HINT)

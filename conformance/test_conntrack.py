@@ -43,8 +43,7 @@ def load_world(session, kube, settings):
 
 
 def _lb_ip(kube, ns, settings):
-    from conformance.test_loadbalancer import wait_ingress
-    return wait_ingress(kube, ns, "ct-lb", settings.wait_seconds)
+    return k8s.wait_ingress(kube, ns, "ct-lb", settings.wait_seconds)
 
 
 def connections(settings, clients: int) -> int:

@@ -74,25 +74,6 @@ def node_lab_macs(node_facts, kube) -> dict[str, list[str]]:
     return macs
 
 
-def lb_service(name: str, local: bool) -> dict:
-    spec = {"type": "LoadBalancer", "selector": {"app": "l2-backend"},
-            "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"}]}
-    if local:
-        spec["externalTrafficPolicy"] = "Local"
-    return {"apiVersion": "v1", "kind": "Service", "spec": spec,
-            "metadata": {"name": name, "labels": {k8s.OWNER_LABEL: "true"}}}
-
-
-def wait_ingress(kube, ns: str, name: str, seconds: float) -> str:
-    def check():
-        svc = kube.core.read_namespaced_service(name, ns)
-        ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
-        ips = [i.ip for i in ingress if i.ip]
-        return (True, ips[0]) if ips else (False, "status.loadBalancer.ingress=empty")
-    return wait_for(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check, interval=1.0,
-                    hint=k8s.WAIT_HINT)
-
-
 @pytest.fixture(scope="module")
 def l2(session, kube, settings):
     """One HTTP backend on ONE node that may announce (a Ready node without the exclusion label), and two
@@ -114,8 +95,9 @@ def l2(session, kube, settings):
     session.wait_pods_ready(ns, "app=l2-backend", 1, "HTTP backend")
     vips = {}
     for name, local in (("l2-cluster", False), ("l2-local", True)):
-        kube.core.create_namespaced_service(ns, lb_service(name, local))
-        vips[name] = wait_ingress(kube, ns, name, settings.wait_seconds)
+        kube.core.create_namespaced_service(ns, k8s.load_balancer_service(name, "l2-backend", HTTP_PORT,
+                                                                          local=local))
+        vips[name] = k8s.wait_ingress(kube, ns, name, settings.wait_seconds)
     return {"ns": ns, "vips": vips, "labels": labels, "backend_node": backend_node}
 
 

@@ -51,28 +51,16 @@ def http_answer(row: dict) -> dict | None:
         return None
 
 
+def lb_service(name: str, annotations: dict | None = None, local: bool = False) -> dict:
+    return k8s.load_balancer_service(name, "lb-backend", HTTP_PORT, annotations=annotations, local=local)
+
+
+wait_ingress = k8s.wait_ingress
+
+
 def neighbour_mac(ip: str) -> str | None:
     res = subprocess.run(["ip", "neigh", "show", "to", ip], capture_output=True, text=True, timeout=10)
     return parse_neighbour(res.stdout, ip)
-
-
-def lb_service(name: str, annotations: dict | None = None, local: bool = False) -> dict:
-    spec = {"type": "LoadBalancer", "selector": {"app": "lb-backend"},
-            "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"}]}
-    if local:
-        spec["externalTrafficPolicy"] = "Local"
-    return {"apiVersion": "v1", "kind": "Service", "spec": spec,
-            "metadata": {"name": name, "annotations": annotations or {}, "labels": {k8s.OWNER_LABEL: "true"}}}
-
-
-def wait_ingress(kube, ns: str, name: str, seconds: float) -> str:
-    def check():
-        svc = kube.core.read_namespaced_service(name, ns)
-        ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
-        ips = [i.ip for i in ingress if i.ip]
-        return (True, ips[0]) if ips else (False, "status.loadBalancer.ingress=empty")
-    return wait_for(f"Service {ns}/{name} to get a LoadBalancer IP", seconds, check, interval=1.0,
-                    hint=k8s.WAIT_HINT)
 
 
 @pytest.fixture(scope="module")
