@@ -1293,9 +1293,10 @@ def nl_attrs(data: bytes, offset: int = 0):
         offset += (length + 3) & ~3
 
 
-def parse_rtnl_routes(data: bytes):
-    """Netlink messages of a RTM_GETROUTE dump -> (routes, done). OSError for an NLMSG_ERROR."""
-    routes, offset = [], 0
+def nl_dump_bodies(data: bytes, kind_wanted: int):
+    """The bodies of the ``kind_wanted`` messages in one read of a netlink dump -> (bodies, done).
+    OSError for an NLMSG_ERROR; ValueError for a malformed message."""
+    bodies, offset = [], 0
     while offset + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, offset)
         if length < 16 or offset + length > len(data):
@@ -1303,14 +1304,43 @@ def parse_rtnl_routes(data: bytes):
         body = data[offset + 16:offset + length]
         offset += (length + 3) & ~3
         if kind == NLMSG_DONE:
-            return routes, True
+            return bodies, True
         if kind == NLMSG_ERROR:
             err = -struct.unpack_from("=i", body)[0]
             if err:
                 raise OSError(err, "rtnetlink: %s" % os.strerror(err))
             continue
-        if kind != RTM_NEWROUTE:
+        if kind != kind_wanted:
             continue
+        bodies.append(body)
+    return bodies, False
+
+
+def rtnl_dump(request_type: int, payload: bytes, parse, timeout: float, max_reads: int):
+    """Send one NETLINK_ROUTE dump request (unprivileged) and collect ``parse(read) -> (items, done)`` until done."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        seq = int.from_bytes(os.urandom(3), "big")
+        sock.send(struct.pack("=IHHII", 16 + len(payload), request_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                  + payload)
+        items = []
+        for _ in range(max_reads):
+            batch, done = parse(sock.recv(1 << 16))
+            items += batch
+            if done:
+                return items
+        raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
+    finally:
+        sock.close()
+
+
+def parse_rtnl_routes(data: bytes):
+    """Netlink messages of a RTM_GETROUTE dump -> (routes, done). OSError for an NLMSG_ERROR."""
+    bodies, done = nl_dump_bodies(data, RTM_NEWROUTE)
+    routes = []
+    for body in bodies:
         family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = struct.unpack_from("=8BI", body)
         route = {"family": family, "dst_len": dst_len, "table": table, "type": rtype, "dst": None,
                  "oif": None, "gateway": None, "priority": 0, "mtu": None, "multipath": False}
@@ -1332,27 +1362,13 @@ def parse_rtnl_routes(data: bytes):
                     if metric == RTAX_MTU:
                         route["mtu"] = struct.unpack("=I", mvalue)[0] or None
         routes.append(route)
-    return routes, False
+    return routes, done
 
 
 def rtnl_routes_v4(timeout: float = 2.0, max_reads: int = 10000):
     """All IPv4 routes from the kernel (RTM_GETROUTE dump over NETLINK_ROUTE; unprivileged)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        seq = int.from_bytes(os.urandom(3), "big")
-        rtmsg = struct.pack("=8BI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        sock.send(struct.pack("=IHHII", 16 + len(rtmsg), RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + rtmsg)
-        routes = []
-        for _ in range(max_reads):
-            batch, done = parse_rtnl_routes(sock.recv(1 << 16))
-            routes += batch
-            if done:
-                return routes
-        raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
-    finally:
-        sock.close()
+    rtmsg = struct.pack("=8BI", socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+    return rtnl_dump(RTM_GETROUTE, rtmsg, parse_rtnl_routes, timeout, max_reads)
 
 
 RTM_NEWADDR, RTM_GETADDR, IFA_ADDRESS, IFA_LOCAL = 20, 22, 1, 2
@@ -1362,22 +1378,9 @@ def parse_rtnl_addrs(data: bytes):
     """Netlink messages of a RTM_GETADDR dump -> (IPv4 addresses, done). OSError for an NLMSG_ERROR.
     Each address: {"index", "prefixlen", "address"}; IFA_LOCAL (the interface's own address) wins over
     IFA_ADDRESS (the peer's on point-to-point links)."""
-    found, offset = [], 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16 or offset + length > len(data):
-            raise ValueError("netlink message of length %d at %d of %d" % (length, offset, len(data)))
-        body = data[offset + 16:offset + length]
-        offset += (length + 3) & ~3
-        if kind == NLMSG_DONE:
-            return found, True
-        if kind == NLMSG_ERROR:
-            err = -struct.unpack_from("=i", body)[0]
-            if err:
-                raise OSError(err, "rtnetlink: %s" % os.strerror(err))
-            continue
-        if kind != RTM_NEWADDR:
-            continue
+    bodies, done = nl_dump_bodies(data, RTM_NEWADDR)
+    found = []
+    for body in bodies:
         family, prefixlen, _flags, _scope, index = struct.unpack_from("=BBBBI", body)
         if family != socket.AF_INET:
             continue
@@ -1386,28 +1389,13 @@ def parse_rtnl_addrs(data: bytes):
         if raw:
             found.append({"index": index, "prefixlen": prefixlen,
                           "address": socket.inet_ntop(socket.AF_INET, raw[:4])})
-    return found, False
+    return found, done
 
 
 def rtnl_addrs_v4(timeout: float = 2.0, max_reads: int = 10000):
     """All IPv4 addresses from the kernel (RTM_GETADDR dump over NETLINK_ROUTE; unprivileged)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        seq = int.from_bytes(os.urandom(3), "big")
-        ifaddrmsg = struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
-        sock.send(struct.pack("=IHHII", 16 + len(ifaddrmsg), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-                  + ifaddrmsg)
-        found = []
-        for _ in range(max_reads):
-            batch, done = parse_rtnl_addrs(sock.recv(1 << 16))
-            found += batch
-            if done:
-                return found
-        raise OSError(errno.EMSGSIZE, "rtnetlink dump did not end after %d reads" % max_reads)
-    finally:
-        sock.close()
+    ifaddrmsg = struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
+    return rtnl_dump(RTM_GETADDR, ifaddrmsg, parse_rtnl_addrs, timeout, max_reads)
 
 
 def covers(route, addr: str) -> bool:
