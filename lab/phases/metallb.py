@@ -32,7 +32,7 @@ def endpoint_slices_ready(slices) -> tuple[bool, str]:
     return bool(ready), f"webhook endpoints ready: {', '.join(ready) or 'none'}"
 
 
-def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
+def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float, *, quiet: bool = False) -> None:
     from kubernetes import client
 
     api = api_client(kubeconfig)
@@ -46,7 +46,7 @@ def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
         w_ok, w = endpoint_slices_ready(slices)
         return c_ok and s_ok and w_ok, f"{c}; {s}; {w}"
 
-    wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5, log=ctx.log.info,
+    wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5, log=None if quiet else ctx.log.info,
              transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n metallb-system get pods -o wide`; raise timeouts.rollout")
 
@@ -82,7 +82,7 @@ class Metallb(Phase):
     def done(self, ctx: "Context") -> bool:
         try:
             kubeconfig = fetch_kubeconfig(ctx)
-            wait_metallb(ctx, kubeconfig, 1)
+            wait_metallb(ctx, kubeconfig, 1, quiet=True)
             return pool_applied(kubeconfig, ctx.lab)
         except Exception:  # noqa: BLE001 - any gap means: run
             return False

@@ -28,6 +28,8 @@ OWNER = f"{{{NS}}}owner"
 #: TCG cannot pass the host CPU through; Nehalem is x86-64-v2 (SSE4.2, POPCNT: RHEL 9 and newer glibc
 #: need it) and qemu 7.2's TCG implements every one of its features (checked with ``-cpu Nehalem,enforce``).
 TCG_CPU_MODEL = "Nehalem"
+#: cgroup cpu shares of an emulated control plane (workers keep libvirt's default, 1024).
+TCG_CONTROL_PLANE_SHARES = 4096
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
@@ -210,6 +212,10 @@ def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed
     _sub(features, "acpi")
     _sub(features, "apic")
     _cpu(dom, virt_type, node.cpus)
+    if virt_type == "qemu" and node.role == "control-plane":
+        # Each TCG vCPU is a busy host thread. When the host's cores are fewer than the lab's vCPUs, the control
+        # plane gets the larger share: starved, its probes and leases failed and everything restarted (CI cluster).
+        _sub(_sub(dom, "cputune"), "shares", str(TCG_CONTROL_PLANE_SHARES))
     clock = _sub(dom, "clock", offset="utc")
     _sub(clock, "timer", name="rtc", tickpolicy="catchup")
     _sub(clock, "timer", name="pit", tickpolicy="delay")

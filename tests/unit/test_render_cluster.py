@@ -285,12 +285,21 @@ def test_kubeadm_deadlines_follow_the_spec():
     assert join["timeouts"]["tlsBootstrap"] == "567s"
 
 
-def test_emulated_labs_get_leader_election_leases_that_survive_tcg():
+def test_emulated_labs_get_leader_election_that_survives_tcg():
     cluster = kubeadm_documents(lab_with(libvirt={"accel": "tcg"}))[1]
     args = {a["name"]: a["value"] for a in cluster["scheduler"]["extraArgs"]}
-    assert args["leader-elect-lease-duration"] == "60s" and args["leader-elect-renew-deadline"] == "40s"
+    assert args == {"leader-elect": "false"}  # one control plane: nothing to fail over to, no lease to lose
     assert cluster["controllerManager"]["extraArgs"] == cluster["scheduler"]["extraArgs"]
     assert "scheduler" not in kubeadm_documents(default_lab())[1]  # KVM/auto: kubeadm's defaults
+
+
+def test_emulated_labs_with_several_control_planes_keep_election_with_long_leases():
+    from lab.render.kubeadm import leader_election_args
+
+    lab = lab_with(libvirt={"accel": "tcg"})
+    two = lab.model_copy(update={"nodes": [*lab.nodes, lab.control_planes[0].model_copy(update={"name": "cp2"})]})
+    args = {a["name"]: a["value"] for a in leader_election_args(two)}
+    assert args["leader-elect-lease-duration"] == "60s" and args["leader-elect-renew-deadline"] == "40s"
 
 
 def test_emulated_labs_patch_kubeadms_static_pod_probes():

@@ -200,3 +200,18 @@ def test_parse_owner_reads_xml_as_libvirt_reformats_it():
 ])
 def test_parse_owner_is_none_for_objects_not_ours(text):
     assert parse_owner(text) is None
+
+
+def test_emulated_control_plane_gets_the_larger_cpu_share(tmp_path):
+    """TCG vCPUs are busy host threads: the control plane must win when the host has fewer cores than the lab."""
+    from lab.virt.xml import TCG_CONTROL_PLANE_SHARES
+
+    lab = make_lab()
+    common = dict(disk_path="/p/d", seed_path="/p/s", console_log="/p/l")
+    shares = {}
+    for node in lab.nodes:
+        for virt_type in ("qemu", "kvm"):
+            dom = assert_valid(tmp_path, domain_xml(lab, node, virt_type=virt_type, **common), "domain")
+            shares[node.role, virt_type] = dom.findtext("cputune/shares")
+    assert shares[("control-plane", "qemu")] == str(TCG_CONTROL_PLANE_SHARES)
+    assert shares[("control-plane", "kvm")] is None and shares[("worker", "qemu")] is None
