@@ -191,6 +191,102 @@ def fragment_deltas(before, after) -> dict:
     return counter_deltas(before, after, FRAGMENT_COUNTERS, lambda f: f.get("ip_fragments"), "fragment counters")
 
 
+# ---------------------------------------------------------------------------------------------- MTU over several paths
+
+
+def path_id(src: str, dst: str) -> str:
+    """A path's readable id with its direction: ``cp1->w1`` is not ``w1->cp1``."""
+    return f"{src}->{dst}"
+
+
+def ordered_pairs(nodes) -> list[tuple[str, str]]:
+    """Every ordered pair of distinct nodes, sorted: A->B and B->A both. Each direction has its own sender's route
+    MTU, host routes and filters, and `netprobe mtu`'s bulk transfer loads one direction only (the peer sends
+    ACKs and a receipt), so a fault on the return path is invisible from the other side."""
+    names = sorted(nodes)
+    return [(a, b) for a in names for b in names if a != b]
+
+
+def path_record(result: dict) -> dict:
+    """What the report keeps of one path's `netprobe mtu` output."""
+    bulk = result.get("tcp_bulk") or {}
+    rate = round(bulk["bytes"] / 1048576 / bulk["seconds"], 1) if bulk.get("seconds") else None
+    return {"verdict": result.get("verdict"), "path_mtu": result.get("path_mtu"),
+            "largest_udp_payload": result.get("largest_udp_payload"), "tcp_bulk_mib_per_s": rate}
+
+
+@dataclass
+class PathRun:
+    """`netprobe mtu` over several paths, one after the other, with the nodes' fragmentation counters read before
+    the first and after each path, so a rise is named with the path (and direction) that caused it."""
+
+    before: dict[str, dict]                                   # node -> facts before the first path
+    results: dict[str, dict] = field(default_factory=dict)    # path id -> netprobe mtu JSON
+    fragments: dict[str, dict] = field(default_factory=dict)  # path id -> node -> counters that rose meanwhile
+    unmeasured: dict[str, str] = field(default_factory=dict)  # path id -> why its probe could not run
+
+    def record(self) -> dict:
+        """path id -> verdict, path MTU, largest payload, bulk MiB/s and fragment rises (or the probe's error)."""
+        return {pid: ({**path_record(self.results[pid]), "fragments": frags} if pid in self.results
+                      else {"error": self.unmeasured[pid][:300], "fragments": frags})
+                for pid, frags in self.fragments.items()}
+
+    def worst(self) -> dict:
+        """The worst path's values under the report's metric names (compared between runs)."""
+        records = [path_record(r) for r in self.results.values()]
+
+        def lowest(key):
+            return min((r[key] for r in records if isinstance(r[key], (int, float))), default=None)
+        return {"path_mtu": lowest("path_mtu"), "largest_udp_payload": lowest("largest_udp_payload"),
+                "tcp_bulk_mib_per_s": lowest("tcp_bulk_mib_per_s"),
+                "fragments_created": sum(d.get("FragCreates", 0) for f in self.fragments.values() for d in f.values())}
+
+
+def measure_paths(probes: dict[str, Callable[[], dict]], facts: Callable[[], dict[str, dict]],
+                  transport_errors: tuple = (NotMeasured,)) -> PathRun:
+    """Run each path's probe in turn (one probe per path: bounded) between reads of the nodes' facts. A probe
+    raising one of ``transport_errors`` is recorded as unmeasured and the other paths still run; facts whose
+    counters cannot be read raise :class:`CounterMissing`."""
+    run = PathRun(facts())
+    snapshot = run.before
+    for pid, probe in probes.items():
+        try:
+            run.results[pid] = probe()
+        except transport_errors as exc:
+            run.unmeasured[pid] = str(exc)
+        after = facts()
+        run.fragments[pid] = fragment_deltas(snapshot, after)
+        snapshot = after
+    return run
+
+
+def judge_paths(run: PathRun, pod_mtu: dict[str, int]) -> dict[str, list[str]]:
+    """Failing path id -> its problems: :func:`judge_path_mtu` against that path's pod MTU, and fragmentation
+    counters that rose while it was measured. Any path whose probe could not run raises :class:`NotMeasured`
+    naming it and the paths that did fail: an unmeasured path is never judged, so the check errors."""
+    failing = {}
+    for pid, result in run.results.items():
+        problems = judge_path_mtu(result, pod_mtu[pid])
+        if run.fragments.get(pid):
+            problems.append("fragmentation counters rose while this path was measured (outer packets fragmented "
+                            f"or dropped as too big): {run.fragments[pid]}")
+        if problems:
+            failing[pid] = problems
+    if run.unmeasured:
+        raise NotMeasured(f"could not measure {len(run.unmeasured)} of {len(run.fragments)} path(s): "
+                          + "; ".join(f"{pid}: {why}" for pid, why in run.unmeasured.items())
+                          + (f" (measured and failing: {', '.join(failing)})" if failing else ""))
+    return failing
+
+
+def render_path_failures(failing: dict[str, list[str]], total: int) -> str:
+    """First line: how many paths fail and which, each with its direction; then one line per problem."""
+    lines = [f"{len(failing)} of {total} path(s) fail: {', '.join(failing)}"]
+    for pid, problems in failing.items():
+        lines += [f"{pid}: {problem}" for problem in problems]
+    return "\n".join(lines)
+
+
 def conntrack_deltas(before, after) -> dict:
     return counter_deltas(before, after, CONNTRACK_COUNTERS, lambda f: (f.get("conntrack") or {}).get("stat"),
                           "nf_conntrack counters")

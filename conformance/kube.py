@@ -282,6 +282,11 @@ class Session:
             container["securityContext"] = {"privileged": True}  # its namespace is labelled privileged
             container["volumeMounts"].append({"name": "host", "mountPath": "/host", "readOnly": True})
             spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+            if tcp or udp:
+                # A node has several addresses (Cilium's routes to pods carry cilium_host's as their source): bound
+                # to all, serve would echo UDP from the route's source, which the client's connected socket drops.
+                command += ["--bind", "$(HOST_IP)"]
+                container["env"] = [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}]
         return spec
 
     def probe_pod(self, namespace: str, name: str, labels: dict, **kw) -> None:
@@ -313,11 +318,13 @@ class Session:
         self.kube.apps.create_namespaced_daemon_set(namespace, body)
 
     def pods_per_node(self, namespace: str, prefix: str, nodes: list[str], tcp=(), udp=(),
-                      labels: dict | None = None) -> dict[str, tuple[str, str]]:
-        """One probe pod pinned to each node; waits for them; node -> (pod name, pod IP)."""
+                      labels: dict | None = None, host_network: bool = False) -> dict[str, tuple[str, str]]:
+        """One probe pod pinned to each node; waits for them; node -> (pod name, pod IP). ``host_network``: in
+        the node's network namespace (the namespace must be labelled privileged), its IP is the node's."""
         app = {"app": prefix, **(labels or {})}
         for node in nodes:
-            self.probe_pod(namespace, f"{prefix}-{node}"[:63], app, node=node, tcp=tcp, udp=udp)
+            self.probe_pod(namespace, f"{prefix}-{node}"[:63], app, node=node, tcp=tcp, udp=udp,
+                           host_network=host_network)
         pods = self.wait_pods_ready(namespace, f"app={prefix}", len(nodes), f"{prefix} (one per node)")
         return {p.spec.node_name: (p.metadata.name, p.status.pod_ip) for p in pods}
 

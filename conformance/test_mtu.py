@@ -1,20 +1,26 @@
-"""MTU: pod route MTU = underlay MTU - overlay overhead; the path between pods on different nodes carries exactly
-that; a TCP bulk transfer works; the nodes' fragmentation counters do not rise.
+"""MTU: pod route MTU = underlay MTU - overlay overhead; the path between pods on every ordered pair of nodes (both
+directions), and between a hostNetwork pod and a pod on another node (both directions), carries exactly that; a TCP
+bulk transfer works each way; the nodes' fragmentation counters do not rise while a path is measured.
 
 Cilium keeps the pod's eth0 at the base MTU and lowers the ROUTE MTU, so the pod's default route is what counts.
 Overheads (Cilium pkg/mtu): VXLAN and Geneve 50 over IPv4, 70 over IPv6.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import pytest
 
 from conformance import kube as k8s
-from conformance.judge import (MtuFinding, expected_pod_mtu, fragment_deltas, judge_path_mtu, judge_route_mtu,
-                               judge_underlay, route_mtu)
+from conformance.judge import (MtuFinding, expected_pod_mtu, judge_paths, judge_route_mtu, judge_underlay,
+                               measure_paths, ordered_pairs, path_id, render_path_failures, route_mtu)
 
 pytestmark = pytest.mark.datapath("observe")  # never while load is held on the nodes
 
 PORT = 8080
+HOST_PORT = 18080  # served by the hostNetwork pod in the node's own namespace: clear of NodePorts and node agents
+BULK_MIB = "8"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +33,36 @@ def mtu_pods(session, kube):
 def _underlay(node_facts_by_node: dict, settings) -> dict[str, int]:
     """node -> the MTU the kernel uses on the node's default route; NotMeasured (the check errors) when unread."""
     return {node: route_mtu(f, node) for node, f in node_facts_by_node.items()}
+
+
+class MtuPath(NamedTuple):
+    """One direction: netprobe in ``namespace/pod`` on node ``src`` probes ``target`` (IP:PORT) on node ``dst``."""
+
+    src: str
+    dst: str
+    namespace: str
+    pod: str
+    target: str
+
+
+def _check_paths(paths: dict[str, MtuPath], node_facts, session, settings, measure) -> None:
+    """Measure each path in turn (fragment counters read around each), record every path and the worst values,
+    and fail naming every failing path with its direction; a path that could not be measured errors the check."""
+    probes = {pid: functools.partial(session.netprobe, p.namespace, p.pod,
+                                     ["mtu", "--to", p.target, "--bulk-mib", BULK_MIB], timeout=120)
+              for pid, p in paths.items()}
+    run = measure_paths(probes, node_facts.facts, (k8s.ProbeFailed,))
+    measure("paths", run.record())
+    for name, value in run.worst().items():
+        measure(name, value)
+
+    def underlay(node: str) -> int:
+        return settings.underlay_mtu or route_mtu(run.before[node], node)
+    # a path carries what the smaller underlay of its two ends leaves after the overlay
+    pod_mtu = {pid: expected_pod_mtu(min(underlay(p.src), underlay(p.dst)), settings.tunnel)
+               for pid, p in paths.items()}
+    failing = judge_paths(run, pod_mtu)
+    assert not failing, render_path_failures(failing, len(paths))
 
 
 def test_node_underlay_mtu(node_facts, settings, measure):
@@ -55,23 +91,35 @@ def test_pod_route_mtu(node_facts, mtu_pods, session, settings, measure, warn):
 
 
 def test_path_mtu_between_nodes(node_facts, mtu_pods, session, settings, measure):
+    """Every ordered pair of nodes, both directions: a pod on A probes a pod on B (path MTU + TCP bulk A->B)."""
     ns, pods = mtu_pods
     if len(pods) < 2:
-        pytest.skip("needs two nodes to measure a path through the overlay")
-    (node_a, (pod_a, _)), (node_b, (_, ip_b)) = sorted(pods.items())[:2]
-    before = node_facts.facts()
-    result = session.netprobe(ns, pod_a, ["mtu", "--to", f"{ip_b}:{PORT}", "--bulk-mib", "8"], timeout=120)
-    after = node_facts.facts()
-    underlay = settings.underlay_mtu or route_mtu(before[node_a], node_a)
-    pod_mtu = expected_pod_mtu(underlay, settings.tunnel)
-    measure("path_mtu", result.get("path_mtu"))
-    measure("largest_udp_payload", result.get("largest_udp_payload"))
-    bulk = result.get("tcp_bulk") or {}
-    if bulk.get("seconds"):
-        measure("tcp_bulk_mib_per_s", round(bulk["bytes"] / 1048576 / bulk["seconds"], 1))
-    problems = judge_path_mtu(result, pod_mtu)
-    frags = fragment_deltas(before, after)
-    if frags:
-        problems.append(f"fragmentation counters rose during the run (silent fragmentation of outer packets): {frags}")
-    measure("fragments_created", sum(d.get("FragCreates", 0) for d in frags.values()))
-    assert not problems, f"{node_a} -> {node_b}: " + "\n".join(problems)
+        pytest.skip(f"needs two nodes to measure a path through the overlay; the cluster has {len(pods)}")
+    paths = {path_id(a, b): MtuPath(a, b, ns, pods[a][0], f"{pods[b][1]}:{PORT}") for a, b in ordered_pairs(pods)}
+    _check_paths(paths, node_facts, session, settings, measure)
+
+
+@pytest.fixture(scope="module")
+def host_pod(session, kube):
+    """A hostNetwork probe pod serving TCP and UDP on the first node: (namespace, node, pod, node IP)."""
+    nodes = sorted(k8s.node_addresses(kube))
+    if len(nodes) < 2:
+        pytest.skip(f"needs two nodes: a hostNetwork pod on one and a pod on another; the cluster has "
+                    f"{len(nodes)} ({', '.join(nodes) or 'none'})")
+    ns = session.namespace("mtu-host", {k8s.PSA_LABEL: "privileged"})
+    [(node, (pod, ip))] = session.pods_per_node(ns, "mtu-host", nodes[:1], tcp=[HOST_PORT], udp=[HOST_PORT],
+                                                host_network=True).items()
+    return ns, node, pod, ip
+
+
+def test_path_mtu_between_host_network_and_pod(host_pod, node_facts, mtu_pods, session, settings, measure):
+    """A hostNetwork pod on one node -> a pod on another node, and back: the host's route to remote pods goes
+    through the overlay too, so both directions carry the pod MTU."""
+    host_ns, host_node, host, host_ip = host_pod
+    ns, pods = mtu_pods
+    pod_node = next(node for node in sorted(pods) if node != host_node)
+    pod, pod_ip = pods[pod_node]
+    host_end, pod_end = f"host@{host_node}", f"pod@{pod_node}"
+    paths = {path_id(host_end, pod_end): MtuPath(host_node, pod_node, host_ns, host, f"{pod_ip}:{PORT}"),
+             path_id(pod_end, host_end): MtuPath(pod_node, host_node, ns, pod, f"{host_ip}:{HOST_PORT}")}
+    _check_paths(paths, node_facts, session, settings, measure)

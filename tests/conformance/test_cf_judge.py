@@ -15,9 +15,10 @@ import pytest
 from conformance import report
 from conformance.expect import Expect, Target, TruthTable, Verdict, mismatches, observed_table, render_diff
 from conformance.judge import (MtuFinding, NotMeasured, conntrack_deltas, default_connections, expected_pod_mtu,
-                               fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_route_mtu,
-                               kernel_at_least, kube_proxy_findings, outside_pool_address, parse_link_macs,
-                               parse_neighbour, poll_table, route_mtu, sysctl_table)
+                               fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_paths, judge_route_mtu,
+                               kernel_at_least, kube_proxy_findings, measure_paths, ordered_pairs,
+                               outside_pool_address, parse_link_macs, parse_neighbour, path_id, poll_table,
+                               render_path_failures, route_mtu, sysctl_table)
 from lab.cilium_status import cilium_kpr
 from lab.spec import PRODUCTION_SYSCTLS
 
@@ -189,6 +190,49 @@ def test_fragmenting_overlay_is_caught_by_payload_and_counters():
     rose = fragment_deltas({"node1": fixture("facts_node1_before_fragmentation_geneve")},
                            {"node1": fixture("facts_node1_after_fragmentation_geneve")})
     assert rose["node1"]["FragCreates"] == 3316  # from the capture
+
+
+def test_ordered_pairs_measure_both_directions():
+    assert ordered_pairs(["w1", "cp1", "w2"]) == [("cp1", "w1"), ("cp1", "w2"), ("w1", "cp1"), ("w1", "w2"),
+                                                  ("w2", "cp1"), ("w2", "w1")]
+    assert ordered_pairs(["cp1"]) == [] and path_id("w1", "cp1") == "w1->cp1"
+
+
+def _facts_sequence(*snapshots):
+    """facts() for measure_paths: node1's real captured facts, one snapshot per call, in order."""
+    it = iter(snapshots)
+    return lambda: {"node1": fixture(next(it))}
+
+
+def test_a_fault_on_one_direction_is_named_with_that_direction():
+    """cp1->w1 healthy; w1->cp1 black-holes and node1's fragment counters rise while it (only) is measured."""
+    before, after = "facts_node1_before_fragmentation_vxlan", "facts_node1_after_fragmentation_vxlan"
+    run = measure_paths({"cp1->w1": lambda: fixture("mtu_cilium_healthy"),
+                         "w1->cp1": lambda: fixture("mtu_cilium_black_hole")}, _facts_sequence(before, before, after))
+    assert run.fragments == {"cp1->w1": {}, "w1->cp1": {"node1": {"FragCreates": 2898, "ReasmReqds": 2}}}
+    failing = judge_paths(run, {"cp1->w1": 1450, "w1->cp1": 1450})
+    assert list(failing) == ["w1->cp1"]
+    assert failing["w1->cp1"][0].startswith("netprobe mtu verdict 'black_hole'")
+    assert failing["w1->cp1"][-1].startswith("fragmentation counters rose while this path was measured")
+    text = render_path_failures(failing, 2)
+    assert text.splitlines()[0] == "1 of 2 path(s) fail: w1->cp1" and "cp1->w1" not in text
+    assert run.record()["cp1->w1"] == {"verdict": "ok", "path_mtu": 1450, "largest_udp_payload": 1422,
+                                       "tcp_bulk_mib_per_s": 500.0, "fragments": {}}
+    assert run.worst() == {"path_mtu": 1450, "largest_udp_payload": 1422, "tcp_bulk_mib_per_s": 0.0,
+                           "fragments_created": 2898}
+
+
+def test_a_path_that_could_not_be_measured_errors_naming_it_and_the_failures():
+    def broken():
+        raise NotMeasured("exec in ns/mtu-w1 failed: 500 Internal Server Error")
+    snap = "facts_node1_before_fragmentation_vxlan"
+    run = measure_paths({"cp1->w1": lambda: fixture("mtu_cilium_black_hole"), "w1->cp1": broken},
+                        _facts_sequence(snap, snap, snap))
+    assert run.record()["w1->cp1"] == {"error": "exec in ns/mtu-w1 failed: 500 Internal Server Error",
+                                       "fragments": {}}
+    with pytest.raises(NotMeasured, match=r"could not measure 1 of 2 path\(s\): w1->cp1: exec in ns/mtu-w1 "
+                                          r"failed.*\(measured and failing: cp1->w1\)"):
+        judge_paths(run, {"cp1->w1": 1450, "w1->cp1": 1450})
 
 
 def test_healthy_path_mtu_from_a_real_loopback_run():

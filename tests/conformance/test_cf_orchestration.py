@@ -107,6 +107,19 @@ def test_pods_per_node_pinned_and_waited(double, kubeconfig, kubelet):
     assert ip.startswith("10.244.")
 
 
+def test_host_network_serving_pod_is_bound_to_its_node_ip(double, kubeconfig, kubelet):
+    """Bound to all of a node's addresses, serve would echo UDP from the route's source (cilium_host's address on
+    Cilium's routes to pods), which the probing pod's connected socket drops."""
+    s = session_for(kubeconfig)
+    ns = s.namespace("mtu-host", {k8s.PSA_LABEL: "privileged"})
+    pods = s.pods_per_node(ns, "mtu-host", ["cp1"], tcp=[18080], udp=[18080], host_network=True)
+    assert pods == {"cp1": ("mtu-host-cp1", NODES["cp1"])}
+    spec = double.get("pods", ns, "mtu-host-cp1")["spec"]
+    container = spec["containers"][0]
+    assert spec["hostNetwork"] and container["command"][-2:] == ["--bind", "$(HOST_IP)"]
+    assert container["env"] == [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}]
+
+
 def test_facts_daemonset_is_privileged_host_network(double, kubeconfig, kubelet):
     s = session_for(kubeconfig)
     ns = s.namespace("facts")

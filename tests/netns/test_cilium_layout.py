@@ -2,7 +2,7 @@
 an LB VIP answered by a node, a runner on the same L2. netprobe runs in the pods as in a slim image."""
 import pytest
 
-from topo import (CIL_LB_VIP, CIL_POD, DROP_FRAG_NEEDED, build_cilium, capture, mac_of, neighbour_mac)
+from topo import (CIL_LB_VIP, CIL_NODE, CIL_POD, DROP_FRAG_NEEDED, build_cilium, capture, mac_of, neighbour_mac)
 
 
 def mtu_run(lab, c, *extra):
@@ -55,6 +55,17 @@ def test_route_mtu_1500_with_pmtud_working_learns_1450(lab):
     c = build_cilium(lab, route_mtu=1500)
     result = mtu_run(lab, c)
     assert (result["path_mtu"], result["icmp_seen"], result["verdict"]) == (1450, True, "ok")
+
+
+@pytest.mark.parametrize("bind, verdict", [("", "unreachable"), ("10.201.0.1", "ok")])
+def test_pod_to_a_node_needs_serve_bound_to_the_node_ip(lab, bind, verdict):
+    """node1 answers pod2 through ov0, whose address is the route's source: bound to all addresses, serve echoes UDP
+    from 10.201.254.1, which pod2's connected socket drops. Bound to the node IP (the hostNetwork probe pod binds
+    to $(HOST_IP)), the echo comes from the address pod2 asked."""
+    c = build_cilium(lab, route_mtu=1450, lb_vip=False)
+    lab.serve(c.node1, tcp="7000", udp="7000", bind=bind)
+    result = lab.probe(c.pod2, "mtu", "--to", CIL_NODE[1] + ":7000", "--bulk-mib", "1", slim=True)
+    assert result["verdict"] == verdict and result["path_mtu"] == (1450 if bind else None)
 
 
 @pytest.mark.parametrize("path", ["http", "tcp"])

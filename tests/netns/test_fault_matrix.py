@@ -8,6 +8,7 @@ objects / captured agent output; conformance/README.md's table says what stays u
 MATRIX maps each collected check to its scenarios; test_matrix_covers_every_collected_check keeps them in sync."""
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -22,12 +23,13 @@ import topo
 from podrun import PROBE_PYTHON, node_probe, pod_probe, pod_shell, pod_spawn
 from conformance.check import NoBarrier, PolicyCheck, run_policy_check
 from conformance.expect import Expect, Target, TruthTable, observed_table
-from conformance.judge import (MtuFinding, NotMeasured, conntrack_deltas, expected_pod_mtu, fragment_deltas,
-                               ip_in_pool, judge_announcer, judge_backend_answer, judge_beyond_pool, judge_ct_capacity,
-                               judge_ct_rise, judge_failover, judge_kernels, judge_kpr, judge_load, judge_path_mtu,
+from conformance.judge import (MtuFinding, NotMeasured, PathRun, conntrack_deltas, expected_pod_mtu, ip_in_pool,
+                               judge_announcer, judge_backend_answer, judge_beyond_pool, judge_ct_capacity,
+                               judge_ct_rise, judge_failover, judge_kernels, judge_kpr, judge_load, judge_paths,
                                judge_requested_ip, judge_route_mtu, judge_source_preserved, judge_underlay,
-                               kube_proxy_daemonsets, kube_proxy_findings, nf_conntrack_reading, parse_link_macs,
-                               parse_neighbour, route_mtu, sysctl_table)
+                               kube_proxy_daemonsets, kube_proxy_findings, measure_paths, nf_conntrack_reading,
+                               ordered_pairs, parse_link_macs, parse_neighbour, path_id, render_path_failures,
+                               route_mtu, sysctl_table)
 from conformance.pod_tuning import NODE_RP_FILTER_SCRIPT, judge_node_rp_filter, judge_pod_sysctls, parse_rp_filter_lines
 from conformance.cilium import judge_relay
 from conformance.l2 import L2Finding, judge_announcement, lab_link_macs
@@ -72,7 +74,11 @@ MATRIX = {
     "test_mtu.py::test_pod_route_mtu": ["test_route_mtu__geneve1460__fails", "test_route_mtu__unset_1500__fails",
                                         "test_route_mtu__cilium_1450__passes"],
     "test_mtu.py::test_path_mtu_between_nodes": ["test_mtu__geneve1460_black_hole__fails",
-                                                 "test_mtu__nothing_listens__fails", "test_mtu__healthy__passes"],
+                                                 "test_mtu__nothing_listens__fails",
+                                                 "test_mtu__return_path_drops_large_tcp__fails",
+                                                 "test_mtu__one_node_pod_route_1460__fails", "test_mtu__healthy__passes"],
+    "test_mtu.py::test_path_mtu_between_host_network_and_pod": ["test_mtu_host__host_route_mtu_unset__fails",
+                                                                "test_mtu_host__healthy__passes"],
     "test_conntrack.py::test_connections_held_without_loss[clusterip]": [
         "test_ct_clusterip__server_drops_mid_hold__fails", "test_ct_clusterip__peak_over_table__fails",
         "test_ct_clusterip__healthy__passes"],
@@ -112,6 +118,8 @@ def cil(root):
         for node in (c.node1, c.node2):  # the nodes' default route: the underlay MTU check reads it
             lab.ip(node, "route", "add", "default", "via", RUNNER, "dev", "lan0")
         lab.serve(c.pod2, tcp="7000", udp="7000", http="8080", hostname="backend-pod2")
+        lab.serve(c.pod1, tcp="7000", udp="7000")  # the MTU paths run both ways
+        lab.serve(c.node1, tcp="7000", udp="7000", bind=topo.CIL_NODE[1])  # the hostNetwork pod, bound to its node IP
         yield c
     finally:
         lab.close()
@@ -380,33 +388,117 @@ def test_route_mtu__cilium_1450__passes(cil):
     assert judge_route_mtu(route_mtu(pod_probe(cil.lab, cil.pod1, "facts")), POD_MTU)[0] is MtuFinding.OK
 
 
-def _path_mtu(c, port="7000"):
-    before = {n: node_probe(c.lab, ns, "facts") for n, ns in (("node1", c.node1), ("node2", c.node2))}
-    result = pod_probe(c.lab, c.pod1, "mtu", "--to", "%s:%s" % (topo.CIL_POD[2], port), "--bulk-mib", "2",
-                       "--bulk-timeout", "3")
-    after = {n: node_probe(c.lab, ns, "facts") for n, ns in (("node1", c.node1), ("node2", c.node2))}
-    return judge_path_mtu(result, POD_MTU), fragment_deltas(before, after)
+def _node_facts(c) -> dict:
+    return {n: node_probe(c.lab, ns, "facts") for n, ns in (("node1", c.node1), ("node2", c.node2))}
+
+
+def _mtu_probe(c, ns, to, as_node=False):
+    """`netprobe mtu` as the check runs it, from a pod (uid 65534) or the hostNetwork pod (as_node: uid 0)."""
+    return functools.partial(node_probe if as_node else pod_probe, c.lab, ns, "mtu", "--to", to, "--bulk-mib", "2",
+                             "--bulk-timeout", "3")
+
+
+def _judge(c, probes: dict) -> tuple[PathRun, dict]:
+    """The checks' own measurement loop (fragment counters around each path) and judgement, on these probes."""
+    run = measure_paths(probes, lambda: _node_facts(c))
+    return run, judge_paths(run, {pid: POD_MTU for pid in probes})
+
+
+def _pairs(c, port="7000") -> tuple[PathRun, dict]:
+    """test_path_mtu_between_nodes: every ordered pair of nodes, pod -> pod."""
+    pods = {"node1": (c.pod1, topo.CIL_POD[1]), "node2": (c.pod2, topo.CIL_POD[2])}
+    return _judge(c, {path_id(a, b): _mtu_probe(c, pods[a][0], "%s:%s" % (pods[b][1], port))
+                      for a, b in ordered_pairs(pods)})
+
+
+def _host_and_pod(c) -> tuple[PathRun, dict]:
+    """test_path_mtu_between_host_network_and_pod: node1's host (serving bound to its node IP, as the hostNetwork
+    pod does) -> pod2 on node2, and back."""
+    return _judge(c, {"host@node1->pod@node2": _mtu_probe(c, c.node1, topo.CIL_POD[2] + ":7000", as_node=True),
+                      "pod@node2->host@node1": _mtu_probe(c, c.pod2, topo.CIL_NODE[1] + ":7000")})
+
+
+def _serve_mtu(c):
+    for pod in (c.pod1, c.pod2):
+        c.lab.serve(pod, tcp="7000", udp="7000")
 
 
 def test_mtu__geneve1460_black_hole__fails(lab):
     c = topo.build_cilium(lab, route_mtu=1460, lb_vip=False)
     for node in (c.node1, c.node2):
         lab.nft(node, topo.DROP_FRAG_NEEDED)
-    lab.serve(c.pod2, tcp="7000", udp="7000")
-    problems, frags = _path_mtu(c)
-    assert problems[0].startswith("netprobe mtu verdict 'black_hole' (a PMTUD black hole")
-    assert any(p.startswith("TCP bulk transfer failed") for p in problems)
-    assert set(frags) == {"node1"} and frags["node1"]["FragFails"] > 0  # node1 dropped the oversized DF packets
+    _serve_mtu(c)
+    run, failing = _pairs(c)
+    assert list(failing) == ["node1->node2", "node2->node1"]
+    for pid, sender in (("node1->node2", "node1"), ("node2->node1", "node2")):
+        assert failing[pid][0].startswith("netprobe mtu verdict 'black_hole' (a PMTUD black hole")
+        assert any(p.startswith("TCP bulk transfer failed") for p in failing[pid])
+        # the sender's node dropped the oversized DF packets, and the rise is named with this direction
+        assert set(run.fragments[pid]) == {sender} and run.fragments[pid][sender]["FragFails"] > 0
 
 
 def test_mtu__nothing_listens__fails(cil):
-    problems, _ = _path_mtu(cil, port="7001")
-    assert problems[0].startswith("netprobe mtu verdict 'unreachable' (no UDP echo came back at any size")
-    assert "black hole" not in " ".join(problems)
+    _, failing = _pairs(cil, port="7001")
+    assert list(failing) == ["node1->node2", "node2->node1"]
+    for problems in failing.values():
+        assert problems[0].startswith("netprobe mtu verdict 'unreachable' (no UDP echo came back at any size")
+        assert "black hole" not in " ".join(problems)
+
+
+def test_mtu__return_path_drops_large_tcp__fails(lab):
+    """A black hole on the return path only: node2 drops large TCP segments from pod2 towards pod1 (a filter or a
+    broken offload on one node). node1->node2, the one direction the check used to probe, is clean."""
+    c = topo.build_cilium(lab, route_mtu=1450, lb_vip=False)
+    lab.nft(c.node2, "table ip oneway {\n chain forward { type filter hook forward priority 0; ip saddr %s "
+                     "ip daddr %s meta l4proto tcp ip length > 1400 drop; }\n}\n" % (topo.CIL_POD[2], topo.CIL_POD[1]))
+    _serve_mtu(c)
+    run, failing = _pairs(c)
+    assert run.results["node1->node2"]["verdict"] == "ok" and "node1->node2" not in failing
+    assert list(failing) == ["node2->node1"]
+    assert failing["node2->node1"][0].startswith("netprobe mtu verdict 'black_hole'")
+    assert render_path_failures(failing, 2).splitlines()[0] == "1 of 2 path(s) fail: node2->node1"
+
+
+def test_mtu__one_node_pod_route_1460__fails(lab):
+    """One node's pods get route MTU 1460 (frag-needed dropped): TCP still negotiates pod1's smaller MSS, so only
+    node2's FragFails rising while node2->node1 is measured shows it, named with that direction."""
+    c = topo.build_cilium(lab, route_mtu=1450, lb_vip=False)
+    lab.ip(c.pod2, "route", "replace", "default", "via", topo.CIL_ROUTER[2], "dev", "eth0", "mtu", "1460")
+    for node in (c.node1, c.node2):
+        lab.nft(node, topo.DROP_FRAG_NEEDED)
+    _serve_mtu(c)
+    run, failing = _pairs(c)
+    assert run.fragments["node1->node2"] == {} and "node1->node2" not in failing
+    assert list(failing) == ["node2->node1"]
+    assert failing["node2->node1"][-1].startswith("fragmentation counters rose while this path was measured")
+    assert run.fragments["node2->node1"]["node2"]["FragFails"] > 0
 
 
 def test_mtu__healthy__passes(cil):
-    assert _path_mtu(cil) == ([], {})
+    run, failing = _pairs(cil)
+    assert failing == {} and list(run.results) == ["node1->node2", "node2->node1"]
+    assert all(r["fragments"] == {} and r["path_mtu"] == POD_MTU for r in run.record().values())
+
+
+def test_mtu_host__host_route_mtu_unset__fails(lab):
+    """node1's route to the remote pods lacks the overlay MTU (Cilium sets it on the host's routes): the host's
+    large packets are too big for the tunnel. The kernel's VXLAN drops the first (FragFails) and learns 1450 where
+    Cilium's eBPF encapsulation would black-hole them; either way host->pod fails and pod->host does not."""
+    c = topo.build_cilium(lab, route_mtu=1450, lb_vip=False)
+    lab.ip(c.node1, "route", "replace", "10.201.2.0/24", "via", "10.201.254.2", "dev", "ov0", "mtu", "1500")
+    for node in (c.node1, c.node2):
+        lab.nft(node, topo.DROP_FRAG_NEEDED)
+    c.lab.serve(c.pod2, tcp="7000", udp="7000")
+    c.lab.serve(c.node1, tcp="7000", udp="7000", bind=topo.CIL_NODE[1])
+    run, failing = _host_and_pod(c)
+    assert list(failing) == ["host@node1->pod@node2"]
+    assert failing["host@node1->pod@node2"][-1].startswith("fragmentation counters rose while this path")
+    assert run.fragments["host@node1->pod@node2"]["node1"]["FragFails"] > 0
+
+
+def test_mtu_host__healthy__passes(cil):
+    run, failing = _host_and_pod(cil)
+    assert failing == {} and [r["path_mtu"] for r in run.record().values()] == [POD_MTU, POD_MTU]
 
 
 # ---------------------------------------------------------------------------------------------- conntrack

@@ -90,10 +90,11 @@ class Lab:
                 raise RuntimeError("%s not ready after %.0fs" % (what, seconds))
             time.sleep(0.02)
 
-    def serve(self, ns: str, tcp="", udp="", hostname=None, workers=2, http="") -> subprocess.Popen:
+    def serve(self, ns: str, tcp="", udp="", hostname=None, workers=2, http="", bind="") -> subprocess.Popen:
         ready = self.tmp / ("serve-%d.ready" % len(self.procs))
         argv = [sys.executable, str(NETPROBE), "serve", "--ready-file", str(ready), "--workers", str(workers)]
         argv += (["--tcp", tcp] if tcp else []) + (["--udp", udp] if udp else []) + (["--http", http] if http else [])
+        argv += ["--bind", bind] if bind else []
         proc = self.spawn(ns, argv, hostname)
         self.wait_file(ready, proc, "netprobe serve in " + ns)
         return proc
