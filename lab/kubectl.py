@@ -27,6 +27,28 @@ def kubectl(host: "Host", *args: str, check: bool = True, timeout: float | None 
                     input=input)
 
 
+#: An API server that is up but overloaded or (re)starting: a starved etcd behind it ("etcdserver: request timed
+#: out" while creating MetalLB's Service, seen on the CI cluster under TCG), TLS handshakes that time out, refusals
+#: during a restart. ``kubectl apply`` and ``helm upgrade --install`` are idempotent, so these are retried until the
+#: phase's deadline; a rejected object (validation, admission) is not in this list and fails at once.
+API_BUSY = (r"etcdserver: (request timed out|leader changed|too many requests)", r"TLS handshake timeout",
+            r"Unable to connect to the server", r"the server was unable to return a response",
+            r"the server is currently unable to handle the request", r"context deadline exceeded",
+            r"connection refused", r"http2: client connection lost", r"i/o timeout",
+            r"net/http: request canceled", r"Client\.Timeout exceeded")
+
+
+def kubectl_retrying(ctx: "Context", host: "Host", *args: str, what: str, deadline_s: float,
+                     also: tuple[str, ...] = ()) -> "CommandResult":
+    """kubectl (admin credentials) until it succeeds, retrying while the API server is busy (API_BUSY + ``also``)
+    until ``deadline_s``; any other failure at once."""
+    from lab.wait import matches_any, retry_command
+
+    return retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", *args, sudo=True, what=what,
+                         deadline_s=deadline_s, transient=matches_any(API_BUSY + also), interval=5.0,
+                         log=ctx.log.info)
+
+
 def api_client(kubeconfig_text: str):
     """A kubernetes ApiClient from kubeconfig text (nothing written to disk)."""
     from kubernetes import config

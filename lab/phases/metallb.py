@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 from lab.errors import LabError
 from lab.kubeconfig import fetch_kubeconfig
-from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out, kubectl
+from lab.kubectl import (LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
+                        kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.metallb import (API, NAMESPACE, metallb_documents, native_manifest_url, pool_addresses, pool_name,
                                 l2_name, render_metallb)
-from lab.wait import api_starting, matches_any, retry_command, wait_for
+from lab.wait import api_starting, matches_any, wait_for
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -94,13 +95,13 @@ class Metallb(Phase):
         if lab.kubernetes.source == "bundle":
             source = bundle_manifest(host)
         ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest ({source})")
-        kubectl(host, "apply", "-f", source, timeout=lab.timeouts.command)
+        kubectl_retrying(ctx, host, "apply", "-f", source, what=f"applying the MetalLB manifest ({source})",
+                         deadline_s=lab.timeouts.rollout)
         kubeconfig = fetch_kubeconfig(ctx)
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(CONFIG_PATH, render_metallb(lab), mode=0o600)
-        retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", "apply", "-f", CONFIG_PATH,
-                      sudo=True, what="applying metallb.yaml (IPAddressPool + L2Advertisement)",
-                      deadline_s=lab.timeouts.webhook, transient=webhook_not_ready, interval=3.0, log=ctx.log.info)
+        kubectl_retrying(ctx, host, "apply", "-f", CONFIG_PATH, what="applying metallb.yaml (IPAddressPool + "
+                         "L2Advertisement)", deadline_s=lab.timeouts.webhook, also=WEBHOOK_NOT_READY)
         if not pool_applied(kubeconfig, lab):
             raise LabError("metallb.yaml applied but the pool read back differs", hint="`lab render` and compare")

@@ -65,7 +65,11 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
 
 #: Emulated (TCG) nodes run 5-10x slower: the operator's 15 s leader lease and the agent's liveness budget
 #: (10 x 30 s) ended in restart loops on the CI cluster, each agent restart recompiling the datapath with clang.
+#: The agent's start hooks (the clang datapath build among them) get 5 minutes by default: on the CI cluster's
+#: control plane the hive cancelled clang at 6:41 into the start ("Failed to compile bpf_sock.o: signal: killed",
+#: then fatal), so under TCG they get 30; the CRD wait likewise.
 EMULATED_VALUES: dict[str, Any] = {
+    "extraConfig": {"hive-start-timeout": "30m", "crd-wait-timeout": "15m"},
     "operator": {"extraArgs": ["--leader-election-lease-duration=60s", "--leader-election-renew-deadline=40s",
                                "--leader-election-retry-period=8s"]},
     "livenessProbe": {"failureThreshold": 30},

@@ -30,7 +30,7 @@ from lab.remote.host import CommandResult, LocalHost
 from lab.spec import load_lab, parse_lab
 from lab.state import LabState
 from lab.status import kubernetes_status
-from lab.wait import retry_command, wait_for
+from lab.wait import matches_any, retry_command, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_PHASES = [Kubeadm, Join, Cilium, Metallb, Ready, Kubeconfig]
@@ -445,3 +445,21 @@ def test_containerd_too_old_for_the_kubernetes_version(output, version, too_old)
     assert (why is not None) == too_old, why
     if too_old:
         assert "containerd 1.6.20 is too old for Kubernetes 1.38.0" in why and "2.x" in why
+
+
+def test_a_busy_api_server_is_retried_but_a_rejected_object_is_not():
+    """Seen on the CI cluster under TCG: MetalLB's manifest failed on a starved etcd. That is retried; an invalid
+    object is not (it would never pass)."""
+    from types import SimpleNamespace
+
+    from lab.kubectl import API_BUSY
+
+    busy = matches_any(API_BUSY)
+    starved = ('Error from server (Invalid): error when creating "metallb-native.yaml": Service '
+               '"metallb-webhook-service" is invalid: spec.clusterIPs: Invalid value: [""]: failed to allocate IP: '
+               'etcdserver: request timed out')
+    assert busy(SimpleNamespace(stdout="", stderr=starved))
+    assert busy(SimpleNamespace(stdout="", stderr="Unable to connect to the server: net/http: TLS handshake timeout"))
+    invalid = ('The IPAddressPool "lab-pool" is invalid: spec.addresses[0]: Invalid value: "10.0.0.300": '
+               'invalid CIDR')
+    assert not busy(SimpleNamespace(stdout="", stderr=invalid))
