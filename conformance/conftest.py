@@ -4,6 +4,7 @@ Run ``pytest conformance --lab labs/default.yaml`` (kubeconfig from the lab) or 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -445,6 +446,23 @@ def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout:
         running.stop()
         raise
     return running
+
+
+def netprobe_on_runner(args: list[str], timeout: float):
+    """Run netprobe on this host (the runner, outside the cluster) and return its JSON. A netprobe that could not
+    run, did not finish within ``timeout`` seconds or printed no JSON is a ProbeFailed, never a verdict."""
+    try:
+        res = subprocess.run([sys.executable, str(k8s.NETPROBE_SOURCE), *args], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner did not finish within {timeout:.0f}s") from None
+    if res.returncode != 0:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner failed (exit {res.returncode}): "
+                              f"{res.stderr.strip()[:300]}")
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner printed no JSON: {res.stdout[:200]!r}") from None
 
 
 def source_ip_towards(ip: str) -> str:

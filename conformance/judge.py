@@ -348,7 +348,8 @@ def judge_ct_rise(before: dict[str, CtReading], during: dict[str, CtReading], lo
     rise = sum(during[n].entries - before[n].entries for n in during)
     if rise < load:
         tables = sorted({r.table for r in during.values()})
-        return (f"the conntrack table ({'/'.join(tables)}) grew by {rise} entries while {load} connections were "
+        kind = "NAT table" if tables == ["bpf-nat"] else "conntrack table"
+        return (f"the {kind} ({'/'.join(tables)}) grew by {rise} entries while {load} connections were "
                 f"held: the measurement does not see these flows (wrong table for this datapath?)")
     return None
 
@@ -367,13 +368,17 @@ def judge_ct_capacity(before: dict[str, CtReading], peak: int, minimum: float = 
     return headroom, problems
 
 
-def parse_bpf_ct(node: str, rc: int | None, stdout: str, stderr: str) -> CtReading:
-    """Output of CT_READ_SCRIPT in the Cilium agent: 'ENTRIES MAX'; any failure is NotMeasured with its message."""
+BPF_MAP_NAMES = {"bpf-ct": "BPF conntrack map", "bpf-nat": "BPF NAT map"}
+
+
+def parse_bpf_ct(node: str, rc: int | None, stdout: str, stderr: str, table: str = "bpf-ct") -> CtReading:
+    """Output of a map read script in the Cilium agent (cilium.CT_READ_SCRIPT, NAT_READ_SCRIPT): 'ENTRIES MAX';
+    any failure is NotMeasured with its message."""
     m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s*", stdout or "")
     if rc != 0 or not m:
-        raise NotMeasured(f"{node}: reading Cilium's BPF conntrack map failed (exit {rc}): "
+        raise NotMeasured(f"{node}: reading Cilium's {BPF_MAP_NAMES.get(table, table)} failed (exit {rc}): "
                           f"{(stderr or stdout or '').strip()[:300] or 'no output'}")
-    return CtReading("bpf-ct", int(m.group(1)), int(m.group(2)))
+    return CtReading(table, int(m.group(1)), int(m.group(2)))
 
 
 def nf_conntrack_reading(node: str, facts: dict) -> CtReading:
