@@ -19,7 +19,7 @@ import pytest
 from conformance import cilium
 from conformance import kube as k8s
 from conformance import policies
-from conformance.check import FlowKey, PolicyCheck, run_policy_check
+from conformance.check import FlowKey, PolicyCheck, measure_policy_result, run_policy_check
 from conformance.conftest import serve_on_runner
 from conformance.expect import Target, TruthTable, observed_table
 from conformance.oracle import PolicyModel, External, Pod, expected_table
@@ -157,12 +157,7 @@ def _run_step(session, kube, world, settings, measure, enforcement, name, manife
     result = run_policy_check(check, lambda m: apply(kube, world, m), lambda: observe(session, world), barrier,
                               drops, settings.policy_seconds, consecutive=settings.policy_consecutive,
                               transport_errors=(k8s.ProbeFailed,), unavailable=why)
-    measure("cells", len(check.expected.cells))
-    measure("policy", result.record())
-    if result.enforced is not None:
-        measure("policy_converge_seconds", round(result.enforced.seconds, 1))
-        measure("policy_polls", result.enforced.polls)
-        measure("transport_failures_retried", result.enforced.transport_failures)
+    measure_policy_result(measure, check, result)
     assert result.passed, result.text
 
 
