@@ -281,6 +281,13 @@ def _policy_step(outside: OutsideWorld, kube, settings, measure, enforcement, na
     return check, result, seen
 
 
+def _report(measure, record: dict, problems: list[str]) -> None:
+    """Findings into the JSON report, then the verdict."""
+    for key, value in record.items():
+        measure(key, value)
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.datapath("observe")
 def test_default_deny_denies_the_runner(outside, kube, settings, measure, enforcement):
     _, result, _ = _policy_step(outside, kube, settings, measure, enforcement, "outside-in default deny",
@@ -298,10 +305,7 @@ def test_ipblock_allows_the_runner_and_keeps_its_address(outside, kube, settings
     cluster = last.get(RUNNER, outside.targets["cluster"]) if last is not None else None
     measure("cluster_vip_under_runner_ipblock", cluster.value if cluster is not None else None)  # not judged
     assert result.passed, result.text
-    record, problems = local_source_findings(outside, seen)
-    for key, value in record.items():
-        measure(key, value)
-    assert not problems, "\n".join(problems)
+    _report(measure, *local_source_findings(outside, seen))
 
 
 @pytest.mark.datapath("observe")
@@ -309,10 +313,7 @@ def test_cluster_traffic_crosses_nodes_and_is_snated(outside, kube, settings, me
     _, result, seen = _policy_step(outside, kube, settings, measure, enforcement, "outside-in ipBlock 0.0.0.0/0",
                                    world_allowed_policies(outside.ns), WORLD_ALLOWED)
     assert result.passed, result.text
-    record, problems = cluster_path_findings(outside, seen)
-    for key, value in record.items():
-        measure(key, value)
-    assert not problems, "\n".join(problems)
+    _report(measure, *cluster_path_findings(outside, seen))
 
 
 @pytest.mark.datapath("load")
