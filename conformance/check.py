@@ -184,3 +184,14 @@ def run_policy_check(check: PolicyCheck, apply: Callable[[list[dict]], int], obs
                    f"{consecutive} consecutive matches in {result.enforced.polls} polls") +
                    (f"\n({bad} cell(s) differ in the last observation)" if bad else ""))
     return result
+
+
+def measure_policy_result(measure: Callable[[str, object], None], check: PolicyCheck, result: CheckResult) -> None:
+    """What a policy check puts in the JSON report: its cells, the whole record (baseline, enforced, barrier, drop
+    reasons) and, once enforced, the convergence time, polls and retried transport failures."""
+    measure("cells", len(check.expected.cells))
+    measure("policy", result.record())
+    if result.enforced is not None:
+        measure("policy_converge_seconds", round(result.enforced.seconds, 1))
+        measure("policy_polls", result.enforced.polls)
+        measure("transport_failures_retried", result.enforced.transport_failures)

@@ -10,7 +10,8 @@ read is :class:`~conformance.judge.NotMeasured` with the agent's message, never 
   ``cilium-dbg policy wait REV`` blocks until every endpoint on that node has realized that revision.
 - **Drops**: ``hubble observe --verdict DROPPED --since T -o json`` in each agent (the agent image ships the
   ``hubble`` CLI; it talks to the local Hubble server), used only where the lab enabled Hubble relay.
-- **Conntrack**: ``cilium-dbg bpf ct list global`` (entries) and ``cilium-dbg status --verbose`` (map sizes).
+- **Conntrack and NAT**: ``cilium-dbg bpf ct list global`` / ``cilium-dbg bpf nat list`` (entries) and
+  ``cilium-dbg status --verbose`` (map sizes).
 """
 from __future__ import annotations
 
@@ -18,20 +19,29 @@ import json
 import time
 from datetime import datetime, timezone
 
-from conformance.check import BarrierResult, Drop
+from conformance.check import BarrierResult, Drop, NoBarrier
 from conformance.judge import NotMeasured
 
 AGENT_NS, AGENT_SELECTOR, AGENT_CONTAINER = "kube-system", "k8s-app=cilium", "cilium-agent"
 RELAY_SELECTOR = "k8s-app=hubble-relay"
 
-#: ENTRIES MAX for the global IPv4 TCP CT map; each step's exit code is checked (no 2>/dev/null | grep -c).
-CT_READ_SCRIPT = (
-    "set -u; list=$(cilium-dbg bpf ct list global) || { echo 'cilium-dbg bpf ct list global failed' >&2; exit 3; }; "
-    "status=$(cilium-dbg status --verbose) || { echo 'cilium-dbg status --verbose failed' >&2; exit 4; }; "
-    "n=$(printf '%s\\n' \"$list\" | grep -c '^TCP' || true); "
-    "m=$(printf '%s\\n' \"$status\" | sed -n 's/^ *TCP connection tracking *\\([0-9][0-9]*\\).*/\\1/p' | head -1); "
-    "[ -n \"$m\" ] || { echo 'no \"TCP connection tracking\" size in cilium-dbg status --verbose' >&2; exit 5; }; "
-    "echo \"$n $m\"")
+def map_read_script(list_command: str, size_row: str) -> str:
+    """A shell script for the agent printing 'ENTRIES MAX' of one BPF map: the TCP lines ``list_command`` prints
+    and the size of the ``size_row`` row of `cilium-dbg status --verbose` (its BPF Maps table). Each step's exit
+    code is checked (no 2>/dev/null | grep -c): a failed read is an error, never "0 entries"."""
+    return (
+        f"set -u; list=$({list_command}) || {{ echo '{list_command} failed' >&2; exit 3; }}; "
+        "status=$(cilium-dbg status --verbose) || { echo 'cilium-dbg status --verbose failed' >&2; exit 4; }; "
+        "n=$(printf '%s\\n' \"$list\" | grep -c '^TCP' || true); "
+        f"m=$(printf '%s\\n' \"$status\" | sed -n 's/^ *{size_row} *\\([0-9][0-9]*\\).*/\\1/p' | head -1); "
+        f"[ -n \"$m\" ] || {{ echo 'no \"{size_row}\" size in cilium-dbg status --verbose' >&2; exit 5; }}; "
+        "echo \"$n $m\"")
+
+
+#: ENTRIES MAX for the global IPv4 TCP CT map (kube-proxy replacement tracks Service flows here).
+CT_READ_SCRIPT = map_read_script("cilium-dbg bpf ct list global", "TCP connection tracking")
+#: ENTRIES MAX for the BPF NAT map (BPF masquerading and the nodeport SNAT of KPR): TCP IN/OUT entries.
+NAT_READ_SCRIPT = map_read_script("cilium-dbg bpf nat list", "NAT")
 
 
 def agents(kube) -> dict[str, str]:
@@ -72,6 +82,17 @@ def judge_relay(deployments) -> str | None:
 
 def hubble_relay_enabled(kube) -> bool:
     return bool(kube.core.list_namespaced_pod(AGENT_NS, label_selector=RELAY_SELECTOR).items)
+
+
+def enforcement(session, kube) -> tuple:
+    """(barrier, drop source or None, why drop reasons are unavailable) for this cluster: Cilium's agents, Hubble
+    where relay is enabled; without Cilium a NoBarrier saying why (the policy checks' enforcement)."""
+    found = agents(kube)
+    if not found:
+        barrier = NoBarrier("no Cilium agent pods (kube-system, k8s-app=cilium): policy revision unknown")
+        return barrier, None, "no Cilium agents"
+    drops = HubbleDrops(session, found) if hubble_relay_enabled(kube) else None
+    return CiliumBarrier(session, found), drops, ("" if drops else "Hubble relay is not enabled")
 
 
 def _run(session, node: str, pod: str, command: list[str], timeout: float = 60.0):
@@ -170,6 +191,16 @@ class HubbleDrops:
 
 
 def ct_reading(session, node: str, pod: str):
+    return _map_reading(session, node, pod, CT_READ_SCRIPT, "bpf-ct")
+
+
+def nat_reading(session, node: str, pod: str):
+    """The BPF NAT map (``cilium-dbg bpf nat list``): where BPF masquerading and KPR's nodeport SNAT keep their
+    translations (one OUT and one IN entry per translated TCP flow)."""
+    return _map_reading(session, node, pod, NAT_READ_SCRIPT, "bpf-nat")
+
+
+def _map_reading(session, node: str, pod: str, script: str, table: str):
     from conformance.judge import parse_bpf_ct
-    res = session.exec(AGENT_NS, pod, ["sh", "-c", CT_READ_SCRIPT], 180, container=AGENT_CONTAINER)
-    return parse_bpf_ct(node, res.rc, res.stdout, res.stderr)
+    res = session.exec(AGENT_NS, pod, ["sh", "-c", script], 180, container=AGENT_CONTAINER)
+    return parse_bpf_ct(node, res.rc, res.stdout, res.stderr, table)

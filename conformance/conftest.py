@@ -4,6 +4,7 @@ Run ``pytest conformance --lab labs/default.yaml`` (kubeconfig from the lab) or 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,12 @@ from lab.wait import wait_for
 
 PREFLIGHT_EXIT = k8s.PreflightError.exit_code
 DEFAULT_FAILOVER_SECONDS = 30.0
+#: The LB datapath under load from outside (test_outside_in.py): connections from the runner to the VIP, the pace
+#: asked of netprobe load, and the bounds the measured open rate and p99 connect time are judged against.
+DEFAULT_LB_LOAD_CONNECTIONS = 1000
+DEFAULT_LB_LOAD_RATE = 1000.0
+DEFAULT_LB_MIN_OPEN_RATE = 200.0
+DEFAULT_LB_MAX_CONNECT_P99_MS = 1000.0
 
 
 @dataclass
@@ -48,6 +55,10 @@ class Settings:
     datapath: ExpectedDatapath = field(default_factory=ExpectedDatapath)
     hubble_relay: bool = True
     runner_iface: str | None = None
+    lb_load_connections: int = DEFAULT_LB_LOAD_CONNECTIONS
+    lb_load_rate: float = DEFAULT_LB_LOAD_RATE
+    lb_min_open_rate: float = DEFAULT_LB_MIN_OPEN_RATE
+    lb_max_connect_p99_ms: float = DEFAULT_LB_MAX_CONNECT_P99_MS
     extra: dict = field(default_factory=dict)
 
 
@@ -91,6 +102,17 @@ def pytest_addoption(parser):
                      f"(default {DEFAULT_CONNTRACK_PEAK})")
     g.addoption("--failover-seconds", type=float, default=DEFAULT_FAILOVER_SECONDS,
                 help=f"bound on LoadBalancer failover (default {DEFAULT_FAILOVER_SECONDS:.0f}s)")
+    g.addoption("--lb-load-connections", type=int, default=DEFAULT_LB_LOAD_CONNECTIONS,
+                help="connections from the runner to the LoadBalancer VIP, held --conntrack-hold seconds "
+                     f"(default {DEFAULT_LB_LOAD_CONNECTIONS})")
+    g.addoption("--lb-load-rate", type=float, default=DEFAULT_LB_LOAD_RATE,
+                help=f"opens per second asked of netprobe load (0: as fast as possible; default {DEFAULT_LB_LOAD_RATE:g})")
+    g.addoption("--lb-min-open-rate", type=float, default=DEFAULT_LB_MIN_OPEN_RATE,
+                help="bound: the measured connection-open rate from outside, per second "
+                     f"(default {DEFAULT_LB_MIN_OPEN_RATE:g})")
+    g.addoption("--lb-max-connect-p99-ms", type=float, default=DEFAULT_LB_MAX_CONNECT_P99_MS,
+                help="bound: the measured p99 connect time from outside, ms "
+                     f"(default {DEFAULT_LB_MAX_CONNECT_P99_MS:g}; over 1 s means SYNs were retransmitted)")
     g.addoption("--append-report", action="store_true",
                 help="add this run's checks to results/conformance-latest.json (the serial disruptive stage)")
     g.addoption("--results-dir", default="results", help="where the JSON report goes (default results/)")
@@ -152,7 +174,22 @@ def _settings(config) -> Settings:
         results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
         conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
         append_report=opt("--append-report"), expect_pod_sysctls=pod_sysctls, datapath=datapath,
-        hubble_relay=relay, runner_iface=opt("--runner-iface"))
+        hubble_relay=relay, runner_iface=opt("--runner-iface"), **_lb_load_options(opt))
+
+
+def _lb_load_options(opt) -> dict:
+    """The outside-in load check's count, pace and bounds; each must be positive (the pace may be 0: unpaced)."""
+    values = {"lb_load_connections": (opt("--lb-load-connections"), DEFAULT_LB_LOAD_CONNECTIONS),
+              "lb_load_rate": (opt("--lb-load-rate"), DEFAULT_LB_LOAD_RATE),
+              "lb_min_open_rate": (opt("--lb-min-open-rate"), DEFAULT_LB_MIN_OPEN_RATE),
+              "lb_max_connect_p99_ms": (opt("--lb-max-connect-p99-ms"), DEFAULT_LB_MAX_CONNECT_P99_MS)}
+    out = {name: default if given is None else given for name, (given, default) in values.items()}
+    bad = [f"--{n.replace('_', '-')} {v}" for n, v in out.items() if v < 0 or (v == 0 and n != "lb_load_rate")
+           or (n == "lb_load_connections" and v > 1_000_000)]
+    if bad:
+        raise pytest.UsageError(f"{', '.join(bad)}: each must be positive, connections at most 1,000,000 "
+                                "(--lb-load-rate 0 means unpaced)")
+    return out
 
 
 def _datapath_expectation(opt, lab) -> tuple[ExpectedDatapath, bool]:
@@ -445,6 +482,23 @@ def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout:
         running.stop()
         raise
     return running
+
+
+def netprobe_on_runner(args: list[str], timeout: float):
+    """Run netprobe on this host (the runner, outside the cluster) and return its JSON. A netprobe that could not
+    run, did not finish within ``timeout`` seconds or printed no JSON is a ProbeFailed, never a verdict."""
+    try:
+        res = subprocess.run([sys.executable, str(k8s.NETPROBE_SOURCE), *args], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner did not finish within {timeout:.0f}s") from None
+    if res.returncode != 0:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner failed (exit {res.returncode}): "
+                              f"{res.stderr.strip()[:300]}")
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        raise k8s.ProbeFailed(f"netprobe {args[0]} on the runner printed no JSON: {res.stdout[:200]!r}") from None
 
 
 def source_ip_towards(ip: str) -> str:

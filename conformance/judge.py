@@ -348,7 +348,8 @@ def judge_ct_rise(before: dict[str, CtReading], during: dict[str, CtReading], lo
     rise = sum(during[n].entries - before[n].entries for n in during)
     if rise < load:
         tables = sorted({r.table for r in during.values()})
-        return (f"the conntrack table ({'/'.join(tables)}) grew by {rise} entries while {load} connections were "
+        kind = "NAT table" if tables == ["bpf-nat"] else "conntrack table"
+        return (f"the {kind} ({'/'.join(tables)}) grew by {rise} entries while {load} connections were "
                 f"held: the measurement does not see these flows (wrong table for this datapath?)")
     return None
 
@@ -367,13 +368,17 @@ def judge_ct_capacity(before: dict[str, CtReading], peak: int, minimum: float = 
     return headroom, problems
 
 
-def parse_bpf_ct(node: str, rc: int | None, stdout: str, stderr: str) -> CtReading:
-    """Output of CT_READ_SCRIPT in the Cilium agent: 'ENTRIES MAX'; any failure is NotMeasured with its message."""
+BPF_MAP_NAMES = {"bpf-ct": "BPF conntrack map", "bpf-nat": "BPF NAT map"}
+
+
+def parse_bpf_ct(node: str, rc: int | None, stdout: str, stderr: str, table: str = "bpf-ct") -> CtReading:
+    """Output of a map read script in the Cilium agent (cilium.CT_READ_SCRIPT, NAT_READ_SCRIPT): 'ENTRIES MAX';
+    any failure is NotMeasured with its message."""
     m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s*", stdout or "")
     if rc != 0 or not m:
-        raise NotMeasured(f"{node}: reading Cilium's BPF conntrack map failed (exit {rc}): "
+        raise NotMeasured(f"{node}: reading Cilium's {BPF_MAP_NAMES.get(table, table)} failed (exit {rc}): "
                           f"{(stderr or stdout or '').strip()[:300] or 'no output'}")
-    return CtReading("bpf-ct", int(m.group(1)), int(m.group(2)))
+    return CtReading(table, int(m.group(1)), int(m.group(2)))
 
 
 def nf_conntrack_reading(node: str, facts: dict) -> CtReading:
@@ -560,14 +565,19 @@ def judge_backend_answer(answer: dict | None, prefix: str = "backend-") -> str |
     return None
 
 
+def peer_host(answer: dict) -> str:
+    """The client address a `serve --http` backend saw (its ``peer``, "IP:PORT"), without the port."""
+    peer = str(answer.get("peer") or "")
+    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or "]:" in peer else peer  # serve's "IP:PORT"
+    return host.strip("[]")
+
+
 def judge_source_preserved(answer: dict | None, client_ip: str) -> str | None:
     """externalTrafficPolicy Local: the backend sees the client's own address."""
     if answer is None:
         return "no HTTP answer through the LoadBalancer IP"
-    peer = str(answer.get("peer") or "")
-    host = peer.rsplit(":", 1)[0] if peer.count(":") == 1 or "]:" in peer else peer  # serve's "IP:PORT"
-    if host.strip("[]") != client_ip:
-        return (f"the backend saw {peer}, not the client {client_ip}: the source was NATed "
+    if peer_host(answer) != client_ip:
+        return (f"the backend saw {answer.get('peer')}, not the client {client_ip}: the source was NATed "
                 "(externalTrafficPolicy Local not honoured)")
     return None
 
@@ -610,3 +620,87 @@ def judge_failover(seconds: float | None, bound: float, waited: float | None = N
     if seconds > bound:
         return record, f"failover took {seconds:.1f}s, over the bound of {bound:.0f}s (--failover-seconds)"
     return record, None
+
+
+# ---------------------------------------------------------------------------------------------- outside in
+# (conformance/test_outside_in.py: the runner, outside the cluster, through a LoadBalancer VIP to backends under policy)
+
+
+def node_ips_from_facts(facts: dict[str, dict]) -> dict[str, list[str]]:
+    """node -> every IPv4 address on its links (``netprobe facts`` ``interfaces[].ipv4``): the InternalIP, and
+    Cilium's ``cilium_host`` router address, which kube-proxy replacement SNATs north-south requests to when it
+    forwards them over the tunnel to a backend on another node. A node whose addresses could not be listed is
+    :class:`NotMeasured`: an address nobody can place is never judged."""
+    import ipaddress as ipa
+    out, problems = {}, []
+    for node, doc in sorted(facts.items()):
+        links = doc.get("interfaces") or []
+        if not links or any(link.get("ipv4") is None for link in links):
+            errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in doc.get("errors") or [])
+            problems.append(f"{node}: IPv4 addresses unreadable ({errors or 'no interfaces in facts'})")
+            continue
+        out[node] = sorted({str(ipa.ip_interface(a).ip) for link in links for a in link["ipv4"]})
+    if problems:
+        raise NotMeasured("cannot tell the nodes' addresses: " + "; ".join(problems))
+    return out
+
+
+def judge_cross_node(announcer: str | None, backend_node: str | None) -> str | None:
+    """The backend must run on another node than the one announcing the VIP, so the path crosses nodes (ARP ->
+    announcing node -> nodeport -> overlay -> backend). Either node unknown is NotMeasured, never a pass."""
+    if not announcer or not backend_node:
+        raise NotMeasured(f"cannot place the path: announcing node {announcer or 'unknown'}, backend on "
+                          f"{backend_node or 'unknown node'}")
+    if announcer == backend_node:
+        return (f"the backend runs on {backend_node}, the node announcing the VIP: the path does not cross nodes, "
+                "so nodeport forwarding, SNAT and the overlay are not exercised")
+    return None
+
+
+def judge_snat_source(answer: dict | None, client_ip: str, node_ips: dict[str, list[str]],
+                      announcer: str | None = None) -> tuple[dict, str | None]:
+    """externalTrafficPolicy Cluster, backend on another node than the announcer: the announcing node SNATs, so
+    the backend sees a node's address, never the client's. Returns ({peer_seen_by_backend, snat_node,
+    snat_by_announcer}, problem). Which node address it is (InternalIP or Cilium's cilium_host) is recorded."""
+    if answer is None:
+        return {}, "no HTTP answer through the LoadBalancer IP"
+    peer = peer_host(answer)
+    owners = sorted(n for n, ips in node_ips.items() if peer in ips)
+    record = {"peer_seen_by_backend": peer, "snat_node": owners[0] if len(owners) == 1 else None,
+              "snat_by_announcer": bool(announcer) and owners == [announcer]}
+    if peer == client_ip:
+        return record, (f"the backend saw the client {client_ip} itself: externalTrafficPolicy Cluster to a backend "
+                        "on another node was not SNATed (DSR mode, or a datapath that skipped the nodeport NAT)")
+    if len(owners) != 1:
+        return record, (f"the backend saw {peer}, which is {'the address of ' + ', '.join(owners) if owners else 'no node address'}"
+                        f" and not the client {client_ip}: expected exactly one node's address (SNAT by the "
+                        "announcing node)")
+    return record, None
+
+
+def judge_open_rate(total: dict, min_rate: float, max_p99_ms: float) -> list[str]:
+    """`netprobe load` totals (judge_load) against the bounds: connection-open rate at least ``min_rate`` per
+    second (--lb-min-open-rate) and p99 connect time at most ``max_p99_ms`` (--lb-max-connect-p99-ms)."""
+    problems = []
+    rate, p99 = float(total.get("open_rate_per_s") or 0.0), float(total.get("connect_ms_p99") or 0.0)
+    if rate < min_rate:
+        problems.append(f"connection-open rate {rate:.1f}/s is below the bound of {min_rate:g}/s "
+                        "(--lb-min-open-rate)")
+    if p99 > max_p99_ms:
+        problems.append(f"p99 connect time {p99:.1f} ms is over the bound of {max_p99_ms:g} ms "
+                        "(--lb-max-connect-p99-ms; over 1 s means SYNs were lost and retransmitted)")
+    return problems
+
+
+def judge_table_rises(node: str, before: dict[str, CtReading], during: dict[str, CtReading], load: int) -> list[str]:
+    """Every datapath table read on ``node`` (table name -> reading: bpf-ct, bpf-nat or nf_conntrack) must have
+    grown by at least ``load`` entries while the load was held: proof the load went through that node's
+    datapath. A table read before but not during (or the reverse) is NotMeasured."""
+    if set(before) != set(during) or not before:
+        raise NotMeasured(f"{node}: tables read before {sorted(before)} and during the load {sorted(during)} differ")
+    problems = []
+    for table in sorted(before):
+        rise = judge_ct_rise({node: before[table]}, {node: during[table]}, load)
+        if rise:
+            problems.append(f"{node}: {rise}")
+    return problems

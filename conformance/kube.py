@@ -253,15 +253,14 @@ class Session:
         self.kube.core.create_namespaced_config_map(namespace, body)
 
     def probe_pod_spec(self, tcp=(), udp=(), node: str | None = None, host_network: bool = False,
-                       named_ports: dict | None = None) -> dict:
+                       named_ports: dict | None = None, http=()) -> dict:
         command = ["python3", NETPROBE, "serve"]
-        if tcp:
-            command += ["--tcp", ",".join(map(str, tcp))]
-        if udp:
-            command += ["--udp", ",".join(map(str, udp))]
-        if not tcp and not udp:
+        for flag, numbers in (("--tcp", tcp), ("--udp", udp), ("--http", http)):
+            if numbers:
+                command += [flag, ",".join(map(str, numbers))]
+        if not tcp and not udp and not http:
             command = ["sleep", "infinity"]
-        ports = [{"containerPort": p, "protocol": "TCP"} for p in tcp] + \
+        ports = [{"containerPort": p, "protocol": "TCP"} for p in (*tcp, *http)] + \
                 [{"containerPort": p, "protocol": "UDP"} for p in udp]
         for name, (port, proto) in (named_ports or {}).items():
             for entry in ports:
@@ -282,7 +281,7 @@ class Session:
             container["securityContext"] = {"privileged": True}  # its namespace is labelled privileged
             container["volumeMounts"].append({"name": "host", "mountPath": "/host", "readOnly": True})
             spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
-            if tcp or udp:
+            if tcp or udp or http:
                 # A node has several addresses (Cilium's routes to pods carry cilium_host's as their source): bound
                 # to all, serve would echo UDP from the route's source, which the client's connected socket drops.
                 command += ["--bind", "$(HOST_IP)"]

@@ -4,11 +4,33 @@ from __future__ import annotations
 NAME_LABEL = "kubernetes.io/metadata.name"
 
 
-def default_deny(namespace: str) -> dict:
-    """Deny all ingress and egress for every pod of ``namespace``."""
+def default_deny(namespace: str, types: tuple[str, ...] = ("Ingress", "Egress")) -> dict:
+    """Deny all ingress and egress (``types``: only those directions) for every pod of ``namespace``."""
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "default-deny", "namespace": namespace},
-            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+            "spec": {"podSelector": {}, "policyTypes": list(types)}}
+
+
+def allow_ingress_from_cidr(namespace: str, name: str, cidr: str, port: int, proto: str = "TCP") -> dict:
+    """Allow every pod of ``namespace`` to be reached on ``port`` from addresses in ``cidr`` (an ipBlock)."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}],
+                                  "ports": [{"protocol": proto, "port": port}]}]}}
+
+
+def replace_policies(kube, namespaces: list[str], manifests: list[dict]) -> int:
+    """Delete every NetworkPolicy in ``namespaces``, create ``manifests``; returns how many objects were deleted
+    or created (what the enforcement barrier waits for)."""
+    changes = 0
+    for ns in namespaces:
+        changes += len(kube.net.list_namespaced_network_policy(ns).items)
+        kube.net.delete_collection_namespaced_network_policy(ns)
+    for m in manifests:
+        kube.net.create_namespaced_network_policy(m["metadata"]["namespace"], m)
+        changes += 1
+    return changes
 
 
 def allow_dns(namespace: str, dns_namespace: str = "kube-system", dns_labels: dict | None = None) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -65,12 +66,42 @@ def run_load(session, ns, clients: dict, address: str, total: int, hold: float) 
                             for (pod, _), n in zip(clients.values(), share) if n])
 
 
-def ct_readings(kube, session, node_facts, agents: dict[str, str]) -> dict:
+def ct_readings(kube, session, node_facts, agents: dict[str, str], only: str | None = None) -> dict:
     """node -> CtReading of the table the datapath uses: Cilium's BPF CT map (kube-proxy replacement: Service
-    flows never touch nf_conntrack), nf_conntrack without Cilium. Any failed read raises NotMeasured."""
+    flows never touch nf_conntrack), nf_conntrack without Cilium; ``only``: that node alone. Any failed read
+    raises NotMeasured."""
     if agents:
-        return {node: cilium.ct_reading(session, node, pod) for node, pod in sorted(agents.items())}
-    return {node: nf_conntrack_reading(node, f) for node, f in node_facts.facts().items()}
+        return {node: cilium.ct_reading(session, node, pod) for node, pod in sorted(agents.items())
+                if only in (None, node)}
+    facts = node_facts.facts()
+    return {node: nf_conntrack_reading(node, f) for node, f in facts.items() if only in (None, node)}
+
+
+T = TypeVar("T")
+
+
+def read_while_held(read: Callable[[], dict], delay: float, load: Callable[[], T]) -> tuple[T, dict]:
+    """Run ``load()`` (connections opened, held, verified) and, ``delay`` seconds after it starts, ``read()`` the
+    tables once while the connections are held. Returns (load's result, the reading). A reading that failed
+    (NotMeasured, ProbeFailed) is raised once the load has finished: never judged as "no rise"."""
+    during: dict = {}
+    failure: list = []
+
+    def sample():
+        time.sleep(delay)
+        try:
+            during.update(read())
+        except (NotMeasured, k8s.ProbeFailed) as exc:
+            failure.append(exc)
+    reader = threading.Thread(target=sample)
+    reader.start()
+    try:
+        results = load()
+    finally:
+        reader.join()
+    if failure:
+        raise failure[0]
+    return results, during
 
 
 @pytest.mark.parametrize("path", ["clusterip", "loadbalancer"])
@@ -81,21 +112,9 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     agents = cilium.agents(kube)
     before = node_facts.facts()
     table_before = ct_readings(kube, session, node_facts, agents)
-    during: dict = {}
-    failure: list = []
-
-    def sample():  # read the table while the connections are held
-        time.sleep(min(settings.conntrack_hold / 2, 5) + n / 5000)
-        try:
-            during.update(ct_readings(kube, session, node_facts, agents))
-        except (NotMeasured, k8s.ProbeFailed) as exc:
-            failure.append(exc)
-    reader = threading.Thread(target=sample)
-    reader.start()
-    results = run_load(session, ns, load_world["clients"], address, n, settings.conntrack_hold)
-    reader.join()
-    if failure:
-        raise failure[0]
+    results, during = read_while_held(
+        lambda: ct_readings(kube, session, node_facts, agents), min(settings.conntrack_hold / 2, 5) + n / 5000,
+        lambda: run_load(session, ns, load_world["clients"], address, n, settings.conntrack_hold))
     after = node_facts.facts()
     drops = conntrack_deltas(before, after)  # CounterMissing (NotMeasured) when a node's counters are unreadable
     total, problems = judge_load(results)    # NotMeasured without netprobe's `verified` count

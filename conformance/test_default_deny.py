@@ -19,7 +19,7 @@ import pytest
 from conformance import cilium
 from conformance import kube as k8s
 from conformance import policies
-from conformance.check import FlowKey, NoBarrier, PolicyCheck, run_policy_check
+from conformance.check import FlowKey, PolicyCheck, measure_policy_result, run_policy_check
 from conformance.conftest import serve_on_runner
 from conformance.expect import Target, TruthTable, observed_table
 from conformance.oracle import PolicyModel, External, Pod, expected_table
@@ -125,14 +125,7 @@ def observe(session, world: World) -> TruthTable:
 
 def apply(kube, world: World, manifests: list[dict]) -> int:
     """Replace the policies in the protected namespaces; returns how many objects were deleted or created."""
-    changes = 0
-    for ns in world.protected:
-        changes += len(kube.net.list_namespaced_network_policy(ns).items)
-        kube.net.delete_collection_namespaced_network_policy(ns)
-    for m in manifests:
-        kube.net.create_namespaced_network_policy(m["metadata"]["namespace"], m)
-        changes += 1
-    return changes
+    return policies.replace_policies(kube, world.protected, manifests)
 
 
 def make_check(world: World, name: str, manifests: list[dict]) -> PolicyCheck:
@@ -143,12 +136,7 @@ def make_check(world: World, name: str, manifests: list[dict]) -> PolicyCheck:
 @pytest.fixture(scope="module")
 def enforcement(session, kube):
     """The barrier and the drop source for this cluster: Cilium's agents, Hubble where relay is enabled."""
-    found = cilium.agents(kube)
-    if not found:
-        barrier = NoBarrier("no Cilium agent pods (kube-system, k8s-app=cilium): policy revision unknown")
-        return barrier, None, "no Cilium agents"
-    drops = cilium.HubbleDrops(session, found) if cilium.hubble_relay_enabled(kube) else None
-    return cilium.CiliumBarrier(session, found), drops, ("" if drops else "Hubble relay is not enabled")
+    return cilium.enforcement(session, kube)
 
 
 def step2_policies(world):
@@ -169,12 +157,7 @@ def _run_step(session, kube, world, settings, measure, enforcement, name, manife
     result = run_policy_check(check, lambda m: apply(kube, world, m), lambda: observe(session, world), barrier,
                               drops, settings.policy_seconds, consecutive=settings.policy_consecutive,
                               transport_errors=(k8s.ProbeFailed,), unavailable=why)
-    measure("cells", len(check.expected.cells))
-    measure("policy", result.record())
-    if result.enforced is not None:
-        measure("policy_converge_seconds", round(result.enforced.seconds, 1))
-        measure("policy_polls", result.enforced.polls)
-        measure("transport_failures_retried", result.enforced.transport_failures)
+    measure_policy_result(measure, check, result)
     assert result.passed, result.text
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 
 from conformance import kube as k8s
+from conformance.conftest import netprobe_on_runner
 from conformance.judge import (ip_in_pool, judge_announcer, judge_backend_answer, judge_failover, judge_requested_ip,
                                judge_source_preserved, outside_pool_address, parse_link_macs, parse_neighbour)
 from conformance.l2 import failover_skip_reason, may_announce
@@ -33,11 +33,7 @@ def http_get(ip: str, port: int = 80, timeout: float = 2.0) -> dict | None:
     """GET / from the runner with netprobe (`connect IP:PORT/http`: raw sockets, no proxy from the environment);
     the backend's JSON ({"host", "peer", ...} from `netprobe serve --http`), or None when nothing answered.
     A netprobe that could not run is a ProbeFailed, never "no answer"."""
-    res = subprocess.run([sys.executable, str(k8s.NETPROBE_SOURCE), "connect", "--timeout", str(timeout),
-                          "--to", f"{ip}:{port}/http"], capture_output=True, text=True, timeout=timeout + 30)
-    if res.returncode != 0:
-        raise k8s.ProbeFailed(f"netprobe connect on the runner failed (exit {res.returncode}): {res.stderr[:300]}")
-    [row] = json.loads(res.stdout)
+    [row] = netprobe_on_runner(["connect", "--timeout", str(timeout), "--to", f"{ip}:{port}/http"], timeout + 30)
     return http_answer(row)
 
 
@@ -88,7 +84,7 @@ def test_ip_from_pool_within_deadline(lb, settings, measure):
     assert ip_in_pool(lb["ip"], settings.lb_pool), f"LoadBalancer IP {lb['ip']} is outside the pool {settings.lb_pool}"
 
 
-def _wait_http(ip: str, seconds: float) -> dict:
+def wait_http(ip: str, seconds: float) -> dict:
     def check():
         answer = http_get(ip)
         return (True, answer) if answer is not None else (False, "no HTTP answer")
@@ -97,7 +93,7 @@ def _wait_http(ip: str, seconds: float) -> dict:
 
 
 def test_http_from_runner_reaches_a_backend(lb, measure):
-    answer = _wait_http(lb["ip"], 60)
+    answer = wait_http(lb["ip"], 60)
     measure("backend", answer["host"])
     problem = judge_backend_answer(answer)
     assert not problem, problem
@@ -118,7 +114,7 @@ def announcing_node(ip: str, macs: dict[str, set[str]]) -> tuple[str | None, str
 
 
 def test_neighbour_entry_maps_to_exactly_one_node(lb, node_facts, measure):
-    _wait_http(lb["ip"], 60)
+    wait_http(lb["ip"], 60)
     node, problem = judge_announcer(lb["ip"], neighbour_mac(lb["ip"]), node_macs(node_facts))
     measure("announcing_node", node)
     assert not problem, problem
@@ -156,7 +152,7 @@ def test_request_beyond_pool_stays_pending_with_event(lb, kube, settings, measur
 def test_external_traffic_policy_local_preserves_source_ip(lb, kube, settings, runner_ip, measure):
     kube.core.create_namespaced_service(lb["ns"], lb_service("lb-local", local=True))
     ip = wait_ingress(kube, lb["ns"], "lb-local", settings.wait_seconds)
-    answer = _wait_http(ip, 60)
+    answer = wait_http(ip, 60)
     measure("peer_seen_by_backend", answer["peer"])
     problem = judge_source_preserved(answer, runner_ip)
     assert not problem, problem
@@ -179,7 +175,7 @@ def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
     if skip:  # a skip, reported as one (never a pass)
         pytest.skip(skip)
     macs = node_macs(node_facts)
-    _wait_http(lb["ip"], 60)
+    wait_http(lb["ip"], 60)
     before, mac, owners = announcing_node(lb["ip"], macs)
     assert before, f"cannot tell the announcing node ({lb['ip']} at {mac}, owners {owners})"
     node = kube.core.read_node(before)

@@ -22,13 +22,13 @@ import pytest
 import topo
 from podrun import PROBE_PYTHON, node_probe, pod_probe, pod_shell, pod_spawn
 from conformance.check import NoBarrier, PolicyCheck, run_policy_check
-from conformance.expect import Expect, Target, TruthTable, observed_table
+from conformance.expect import Expect, Target, TruthTable, Verdict, observed_table
 from conformance.judge import (MtuFinding, NotMeasured, PathRun, conntrack_deltas, expected_pod_mtu, ip_in_pool,
                                judge_announcer, judge_backend_answer, judge_beyond_pool, judge_ct_capacity,
                                judge_ct_rise, judge_failover, judge_kernels, judge_kpr, judge_load, judge_paths,
                                judge_requested_ip, judge_route_mtu, judge_source_preserved, judge_underlay,
                                kube_proxy_daemonsets, kube_proxy_findings, measure_paths, nf_conntrack_reading,
-                               ordered_pairs, parse_link_macs, parse_neighbour, path_id, render_path_failures,
+                               node_ips_from_facts, ordered_pairs, parse_link_macs, parse_neighbour, path_id, render_path_failures,
                                route_mtu, sysctl_table)
 from conformance.pod_tuning import NODE_RP_FILTER_SCRIPT, judge_node_rp_filter, judge_pod_sysctls, parse_rp_filter_lines
 from conformance.cilium import judge_relay
@@ -37,6 +37,11 @@ from conformance.test_kube_proxy_replacement import RULES_SCRIPT, parse_rules_an
 from conformance.test_l2_announce import ARP_ARGS as L2_ARP_ARGS
 from lab.cilium_status import ExpectedDatapath, datapath_modes, judge_datapath, judge_health
 from conformance.test_loadbalancer import http_answer
+from conformance.test_conntrack import read_while_held
+from conformance.test_outside_in import (DENIED, RUNNER as RUNNER_ID, RUNNER_ALLOWED, WORLD_ALLOWED, OutsideWorld,
+                                         RunnerObservation, cluster_path_findings, deny_policies, judge_outside_load,
+                                         load_args, local_source_findings, observe_from_runner, outside_check,
+                                         runner_allowed_policies, world_allowed_policies)
 from lab.sysctl import parse_values, read_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +111,18 @@ MATRIX = {
         "test_l2__node1_answers_as_recorded__passes"],
     "test_l2_announce.py::test_l2_local_announced_from_an_endpoint_node": [
         "test_l2_local__announcer_without_endpoint__fails", "test_l2_local__announcer_holds_endpoint__passes"],
+    "test_outside_in.py::test_default_deny_denies_the_runner": [
+        "test_oi_deny__policy_ignored__fails", "test_oi_deny__widened_to_every_address__fails",
+        "test_oi_deny__enforced__passes"],
+    "test_outside_in.py::test_ipblock_allows_the_runner_and_keeps_its_address": [
+        "test_oi_ipblock__allow_rule_missing__fails", "test_oi_ipblock__local_snated__fails",
+        "test_oi_ipblock__runner_network_allowed__passes"],
+    "test_outside_in.py::test_cluster_traffic_crosses_nodes_and_is_snated": [
+        "test_oi_snat__not_snated__fails", "test_oi_snat__backend_on_the_announcer__fails",
+        "test_oi_snat__node1_snats_across_nodes__passes"],
+    "test_outside_in.py::test_lb_datapath_under_load_from_outside": [
+        "test_oi_load__answered_before_node1__fails", "test_oi_load__open_rate_below_bound__fails",
+        "test_oi_load__through_node1__passes"],
 }
 
 
@@ -841,6 +858,229 @@ def test_l2_local__announcer_holds_endpoint__passes(lab):
     j = judge_announcement(arp, [_l2status("node2")], macs, L2_LABELS, L2_SVC, traffic_policy="Local",
                            endpoint_nodes=["node2"])
     assert j.ok and j.announcer == "node2", j.messages()
+
+
+# ---------------------------------------------------------------------------------------------- outside in
+# conformance/test_outside_in.py's own observation, policy step, findings and load judgement on the Cilium layout:
+# the runner on the LAN; node1 answers ARP for both VIPs (the announcer); nftables DNAT stands in for kube-proxy
+# replacement: the Cluster VIP 10.201.0.200 (80 -> 8080, 81 -> 9090) to pod2 on node2, masqueraded to node1's
+# overlay address (ETP Cluster, SNAT), the Local VIP 10.201.0.201 to pod1 on node1, not masqueraded (ETP Local).
+# NetworkPolicy stands in as nftables on each backend's own node (Cilium enforces at the endpoint), generated from
+# the check's own manifests: default deny drops everything into the pod, each ipBlock accepts its CIDR on 8080.
+
+OI_LOCAL_VIP = "10.201.0.201"
+OI_HOSTS = {1: "backend-pod1", 2: "backend-pod2"}  # serve's host: what the answers name, as a pod's hostname does
+OI_N = 300
+
+
+def _oi_build(lab, cluster_backend=2, cluster_snat=True, local_snat=False):
+    c = topo.build_cilium(lab, lb_vip=False)
+    for vip in (VIP, OI_LOCAL_VIP):
+        topo.announce_vip(lab, c, 1, vip)
+    pod = topo.CIL_POD[cluster_backend]
+    post = "".join("ct status dnat ct original ip daddr %s masquerade; " % vip
+                   for vip, on in ((VIP, cluster_snat), (OI_LOCAL_VIP, local_snat)) if on)
+    lab.nft(c.node1, "table ip oi {\n chain prerouting { type nat hook prerouting priority dstnat; "
+                     "ip daddr %s tcp dport 80 dnat to %s:8080; ip daddr %s tcp dport 81 dnat to %s:9090; "
+                     "ip daddr %s tcp dport 80 dnat to %s:8080; }\n"
+                     " chain postrouting { type nat hook postrouting priority srcnat; %s}\n}\n"
+            % (VIP, pod, VIP, pod, OI_LOCAL_VIP, topo.CIL_POD[1], post))
+    if not cluster_snat and cluster_backend == 2:  # without SNAT, replies to the runner must still pass node1
+        lab.ip(c.node2, "route", "add", RUNNER + "/32", "via", "10.201.254.1", "dev", "ov0")
+    for n in (1, 2):
+        lab.serve((c.pod1, c.pod2)[n - 1], http="8080", tcp="9090", hostname=OI_HOSTS[n])
+    return c
+
+
+def _oi_probe(c, keep=None):
+    """netprobe on the runner (root, as the check runs it on this host); ``keep`` collects every output."""
+    def probe(args, timeout):
+        out = topo.Lab.probe(c.lab, c.runner, *args, timeout=timeout)
+        if keep is not None:
+            keep.append(out)
+        return out
+    return probe
+
+
+def _oi_world(c, cluster_backend=2) -> OutsideWorld:
+    """What the check's fixture finds: the VIPs, the backends' nodes, the announcer (the runner's neighbour entry
+    against the nodes' MACs, judged as announcing_node does) and every node address (netprobe facts)."""
+    observe_from_runner({Target("oi/x", 80): "%s:80/http" % VIP}, _oi_probe(c))  # resolves the neighbour entry
+    mac = parse_neighbour(c.lab.ip(c.runner, "neigh", "show", "to", VIP).stdout, VIP)
+    announcer, problem = judge_announcer(VIP, mac, _node_macs(c))
+    assert problem is None, problem
+    facts = {"node1": node_probe(c.lab, c.node1, "facts"), "node2": node_probe(c.lab, c.node2, "facts")}
+    topo.capture("facts_oi_node1", facts["node1"])
+    return OutsideWorld("oi", RUNNER, topo.CIL_LAN, {"local": OI_LOCAL_VIP, "cluster": VIP},
+                        {"local": OI_HOSTS[1], "cluster": OI_HOSTS[cluster_backend]},
+                        {OI_HOSTS[1]: "node1", OI_HOSTS[2]: "node2"},
+                        {"local": topo.CIL_POD[1], "cluster": topo.CIL_POD[cluster_backend]}, announcer,
+                        node_ips_from_facts(facts))
+
+
+def _oi_enforce(c, manifests, cni):
+    """The CNI standing in: ``honours`` the manifests, ``ignores`` them, ``drops-allows`` (default deny only) or
+    ``widens`` (an allow for every address slipped in)."""
+    for node in (c.node1, c.node2):
+        topo.sh("ip", "netns", "exec", node, "nft", "delete", "table", "inet", "oipol", check=False)
+    if not manifests or cni == "ignores":
+        return
+    cidrs = [peer["ipBlock"]["cidr"] for m in manifests for rule in m["spec"].get("ingress", [])
+             for peer in rule.get("from", []) if "ipBlock" in peer]
+    cidrs = [] if cni == "drops-allows" else cidrs + (["0.0.0.0/0"] if cni == "widens" else [])
+    for n, node in ((1, c.node1), (2, c.node2)):
+        pod = topo.CIL_POD[n]
+        accepts = "".join("ip daddr %s tcp dport 8080 ip saddr %s accept; " % (pod, cidr) for cidr in cidrs)
+        c.lab.nft(node, "table inet oipol {\n chain forward { type filter hook forward priority 0; %s"
+                        "ip daddr %s drop; }\n}\n" % (accepts, pod))
+
+
+def _oi_step(c, world, name, manifests, expect, cni="honours", keep=None):
+    """The check's policy step: outside_check + run_policy_check with the runner's observation."""
+    check = outside_check(name, world.targets, expect, manifests, world.flow_keys())
+    seen = RunnerObservation(world.address_of(), _oi_probe(c, keep))
+
+    def apply(m):
+        _oi_enforce(c, m, cni)
+        return len(m)
+    result = run_policy_check(check, apply, seen, NoBarrier("no Cilium in a netns"), None, seconds=5, consecutive=2,
+                              interval=0.2, transport_errors=(AssertionError,))
+    return result, seen
+
+
+OI_CELLS = ["outside/runner->oi/oi-local:80/TCP", "outside/runner->oi/oi-cluster:80/TCP"]
+
+
+def _oi_deny(lab, cni, keep=None):
+    c = _oi_build(lab)
+    return _oi_step(c, _oi_world(c), "outside-in default deny", deny_policies("oi"), DENIED, cni, keep)[0]
+
+
+def test_oi_deny__policy_ignored__fails(lab):
+    result = _oi_deny(lab, "ignores")
+    assert not result.passed and result.text.startswith("outside-in default deny: tables did not match 2 times")
+    assert sorted(result.enforced.leaks) == sorted(OI_CELLS)
+
+
+def test_oi_deny__widened_to_every_address__fails(lab):
+    result = _oi_deny(lab, "widens")
+    assert not result.passed and sorted(result.enforced.leaks) == sorted(OI_CELLS)
+
+
+def test_oi_deny__enforced__passes(lab):
+    keep = []
+    result = _oi_deny(lab, "honours", keep)
+    topo.capture("connect_oi_runner_two_vips_denied", keep[-1])
+    assert result.passed, result.text
+    assert result.baseline.matched and result.enforced.last.by_id() == dict.fromkeys(OI_CELLS, Verdict.TIMEOUT)
+
+
+def _oi_ipblock(lab, cni="honours", **build):
+    c = _oi_build(lab, **build)
+    world = _oi_world(c)
+    result, seen = _oi_step(c, world, "outside-in ipBlock", runner_allowed_policies("oi", world.runner_net),
+                            RUNNER_ALLOWED, cni)
+    return world, result, seen
+
+
+def test_oi_ipblock__allow_rule_missing__fails(lab):
+    _, result, _ = _oi_ipblock(lab, cni="drops-allows")
+    assert not result.passed and "tables did not match 2 times in a row" in result.text
+    assert "outside/runner->oi/oi-local:80/TCP: expected connected, observed timeout" in result.text
+
+
+def test_oi_ipblock__local_snated__fails(lab):
+    world, result, seen = _oi_ipblock(lab, local_snat=True)  # the Local VIP masqueraded: SNAT where Local was asked
+    assert result.passed, result.text
+    record, problems = local_source_findings(world, seen)
+    assert record["peer_seen_by_local_backend"].startswith(topo.CIL_ROUTER[1] + ":")
+    assert problems == ["the backend saw %s, not the client %s: the source was NATed (externalTrafficPolicy Local "
+                        "not honoured)" % (record["peer_seen_by_local_backend"], RUNNER)]
+
+
+def test_oi_ipblock__runner_network_allowed__passes(lab):
+    world, result, seen = _oi_ipblock(lab)
+    assert result.passed, result.text
+    assert local_source_findings(world, seen) == ({"peer_seen_by_local_backend": seen.answers[
+        world.targets["local"]]["peer"]}, [])
+    # the Cluster cell is recorded, not judged: SNATed to node1's overlay address, outside the runner's network
+    assert result.enforced.last.get(RUNNER_ID, world.targets["cluster"]) is Verdict.TIMEOUT
+
+
+def _oi_cluster(lab, **build):
+    c = _oi_build(lab, **build)
+    world = _oi_world(c, build.get("cluster_backend", 2))
+    keep = []
+    result, seen = _oi_step(c, world, "outside-in ipBlock 0.0.0.0/0", world_allowed_policies("oi"), WORLD_ALLOWED,
+                            keep=keep)
+    assert result.passed, result.text
+    return world, seen, keep
+
+
+def test_oi_snat__not_snated__fails(lab):
+    world, seen, _ = _oi_cluster(lab, cluster_snat=False)
+    record, problems = cluster_path_findings(world, seen)
+    assert record["peer_seen_by_backend"] == RUNNER and record["cluster_backend_node"] == "node2"
+    assert problems == ["the backend saw the client %s itself: externalTrafficPolicy Cluster to a backend on another "
+                        "node was not SNATed (DSR mode, or a datapath that skipped the nodeport NAT)" % RUNNER]
+
+
+def test_oi_snat__backend_on_the_announcer__fails(lab):
+    world, seen, _ = _oi_cluster(lab, cluster_backend=1)
+    record, problems = cluster_path_findings(world, seen)
+    assert record["snat_node"] == "node1" and record["cluster_backend_node"] == "node1"
+    assert problems == ["the backend runs on node1, the node announcing the VIP: the path does not cross nodes, so "
+                        "nodeport forwarding, SNAT and the overlay are not exercised"]
+
+
+def test_oi_snat__node1_snats_across_nodes__passes(lab):
+    world, seen, keep = _oi_cluster(lab)
+    topo.capture("connect_oi_runner_two_vips", keep[-1])
+    record, problems = cluster_path_findings(world, seen)
+    assert problems == [], problems
+    assert record == {"peer_seen_by_backend": "10.201.254.1", "snat_node": "node1", "snat_by_announcer": True,
+                      "announcing_node": "node1", "cluster_backend_node": "node2"}
+
+
+def _oi_load(c, min_rate, max_p99_ms=1000.0, hold=3.0):
+    """The load check's measurement and judgement: node1's table (nf_conntrack: its DNAT rule makes it track)
+    before and while the runner's connections are held."""
+    def read():
+        return {"nf_conntrack": nf_conntrack_reading("node1", node_probe(c.lab, c.node1, "facts"))}
+    before = read()
+    result, during = read_while_held(read, hold / 2,
+                                     lambda: topo.Lab.probe(c.lab, c.runner, *load_args(VIP, OI_N, 0, hold), timeout=90))
+    topo.capture("load_oi_runner_vip", result)
+    return judge_outside_load("node1", before, result, during, OI_N, min_rate, max_p99_ms)
+
+
+def test_oi_load__answered_before_node1__fails(lab):
+    """The load never reaches the datapath: the runner holds the VIP itself (as a pod's socket LB translates it at
+    connect()); every connection is verified, but node1's table does not rise."""
+    c = _oi_build(lab)
+    lab.ip(c.runner, "addr", "add", VIP + "/32", "dev", "lo")
+    lab.serve(c.runner, tcp="81", bind=VIP)
+    total, problems = _oi_load(c, min_rate=10)
+    assert total["verified"] == OI_N and len(problems) == 1
+    assert problems[0].startswith("node1: the conntrack table (nf_conntrack) grew by ")
+    assert "while %d connections were held: the measurement does not see these flows" % OI_N in problems[0]
+
+
+def test_oi_load__open_rate_below_bound__fails(lab):
+    """node1's LAN link shaped to 256 kbit/s (tbf, deep queue: nothing dropped): SYN-ACKs and the overlay's
+    encapsulated SYNs queue, connections open at a fraction of the bound."""
+    c = _oi_build(lab)
+    topo.sh("ip", "netns", "exec", c.node1, "tc", "qdisc", "add", "dev", "lan0", "root", "tbf", "rate", "256kbit",
+            "burst", "1600", "limit", "1000000")
+    total, problems = _oi_load(c, min_rate=500, max_p99_ms=60000, hold=6.0)
+    assert total["verified"] == OI_N and total["open_rate_per_s"] < 500
+    assert problems == ["connection-open rate %.1f/s is below the bound of 500/s (--lb-min-open-rate)"
+                        % total["open_rate_per_s"]]
+
+
+def test_oi_load__through_node1__passes(lab):
+    total, problems = _oi_load(_oi_build(lab), min_rate=500)
+    assert problems == [] and total["verified"] == OI_N and total["open_rate_per_s"] >= 500
 
 
 # ---------------------------------------------------------------------------------------------- completeness

@@ -1,0 +1,352 @@
+"""Outside in: the runner (this host, outside the cluster, on the lab's L2) through a LoadBalancer VIP to backends
+under NetworkPolicy, and the LB datapath under load from outside.
+
+Only traffic from outside exercises ARP, the announcing node, kube-proxy replacement's nodeport path, its SNAT and
+the BPF NAT map: inside pods Cilium's socket LB translates the VIP at connect(). Two Services select one backend
+each (`netprobe serve --http 8080 --tcp 9090`) in one namespace:
+
+- `oi-local`, externalTrafficPolicy Local: its backend on a node that may announce (MetalLB announces Local only
+  from a node holding an endpoint, so that node is the announcer and the backend sees the client's address);
+- `oi-cluster`, externalTrafficPolicy Cluster: its backend pinned to another node than the one announcing the VIP
+  (a node that may not announce when there is one, else moved once away from the announcer found from the runner's
+  neighbour entry and the nodes' MACs), so the path crosses nodes: ARP -> announcing node -> nodeport (DNAT, SNAT)
+  -> overlay -> backend.
+
+The policy checks run through conformance.check.run_policy_check (remove policies, barrier, BASELINE in which both
+VIPs answer, apply, barrier, K consecutive whole-table matches). The runner asks both VIPs with
+`netprobe connect VIP:80/http`; "denied" is no HTTP answer within the probe timeout.
+
+1. default-deny ingress: the runner is denied at both VIPs.
+2. default-deny + an ipBlock of the runner's network: the runner reaches the Local VIP and its backend sees the
+   runner's own address. What the Cluster VIP does under this policy is implementation-defined (the backend sees a
+   node's address after SNAT; Cilium in tunnel mode enforces it with the `world` identity, which an ipBlock short
+   of 0.0.0.0/0 does not select): its verdict is recorded, never judged (see the README).
+3. default-deny + ipBlock 0.0.0.0/0 (every outside address; Cilium's `world`): the runner reaches both VIPs, the
+   Cluster backend runs on another node than the announcer and sees a node's address (SNAT), not the runner's;
+   which node and address is recorded.
+4. Load: `netprobe load` from the runner to the Cluster VIP (--lb-load-connections at --lb-load-rate, held
+   --conntrack-hold seconds, each verified end to end); the announcing node's datapath tables (BPF CT map, and the
+   BPF NAT map with BPF masquerading; nf_conntrack without Cilium) must rise by at least the load while it is held;
+   open rate and p99 connect time are judged against --lb-min-open-rate and --lb-max-connect-p99-ms.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+
+from conformance import cilium
+from conformance import kube as k8s
+from conformance.check import FlowKey, PolicyCheck, measure_policy_result, run_policy_check
+from conformance.conftest import netprobe_on_runner
+from conformance.expect import Expect, Target, TruthTable, observed_table
+from conformance.judge import (NotMeasured, judge_cross_node, judge_load, judge_open_rate, judge_snat_source,
+                               judge_source_preserved, judge_table_rises, node_ips_from_facts)
+from conformance.policies import allow_ingress_from_cidr, default_deny, replace_policies
+from conformance.test_conntrack import ct_readings, read_while_held
+from conformance.test_loadbalancer import (announcing_node, eligible_announcers, http_answer, http_get, node_macs,
+                                          wait_http)
+from lab.wait import wait_for
+
+pytestmark = pytest.mark.xdist_group("metallb")  # with the other LB checks: failover disturbs the speakers
+
+HTTP_PORT, TCP_PORT, LOAD_PORT = 8080, 9090, 81  # backend ports; the Services' port 81 -> TCP_PORT (load)
+RUNNER = "outside/runner"
+PROBE_TIMEOUT = 2.0
+ROLES = ("local", "cluster")
+
+
+@dataclass
+class OutsideWorld:
+    ns: str
+    runner_ip: str
+    runner_net: str                          # the ipBlock the runner is allowed from
+    vips: dict[str, str]                     # role -> LoadBalancer IP
+    backend_pods: dict[str, str]             # role -> pod name (its hostname: the `host` of its answers)
+    pod_nodes: dict[str, str]                # pod name -> node
+    pod_ips: dict[str, str]                  # role -> pod IP
+    announcer: str | None                    # the node answering ARP for the Cluster VIP
+    node_ips: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        return {role: Target(f"{self.ns}/oi-{role}", 80, "TCP") for role in ROLES}
+
+    def address_of(self) -> dict[Target, str]:
+        return {t: f"{self.vips[role]}:80/http" for role, t in self.targets.items()}
+
+    def flow_keys(self) -> dict:
+        """The Local cell's packets reach its backend from the runner itself; the Cluster cell's come SNATed from
+        an address known only once observed: no key (its drop reason is "unavailable")."""
+        local = self.targets["local"]
+        return {(RUNNER, local): FlowKey(self.runner_ip, frozenset([self.pod_ips["local"]]), HTTP_PORT, "TCP")}
+
+
+def runner_network(settings, runner_ip: str) -> str:
+    """The runner's network for the ipBlock: the lab network when it holds the runner, else the runner's /32."""
+    if settings.lab is not None:
+        net = ipaddress.ip_network(str(settings.lab.network.cidr), strict=False)
+        if ipaddress.ip_address(runner_ip) in net:
+            return str(net)
+    return f"{runner_ip}/32"
+
+
+# ---------------------------------------------------------------------------------------------- observation and checks
+# (pure enough for the fault matrix: it runs them on netns stand-ins with its own probe)
+
+
+def observe_from_runner(address_of: dict[Target, str], probe: Callable[[list[str], float], list],
+                        timeout: float = PROBE_TIMEOUT) -> tuple[TruthTable, dict[Target, dict | None]]:
+    """One observation: the runner asks every VIP at once (`netprobe connect VIP:80/http`). Returns the table
+    and, per target, what its backend answered (`serve --http` JSON: host, peer) or None."""
+    args = ["connect", "--timeout", str(timeout)]
+    for address in address_of.values():
+        args += ["--to", address]
+    rows = probe(args, timeout * 2 + 30)
+    table = observed_table([RUNNER], list(address_of), {RUNNER: rows}, address_of)
+    by_to = {str(r.get("to")): r for r in rows}
+    return table, {t: (http_answer(by_to[a]) if a in by_to else None) for t, a in address_of.items()}
+
+
+class RunnerObservation:
+    """The observe() run_policy_check polls; keeps the last answers, to judge what the backends saw."""
+
+    def __init__(self, address_of: dict[Target, str], probe: Callable[[list[str], float], list]):
+        self.address_of, self.probe = address_of, probe
+        self.answers: dict[Target, dict | None] = {}
+
+    def __call__(self) -> TruthTable:
+        table, self.answers = observe_from_runner(self.address_of, self.probe)
+        return table
+
+
+def outside_check(name: str, targets: dict[str, Target], expect: dict[str, Expect], manifests: list[dict],
+                  flow_keys: dict | None = None) -> PolicyCheck:
+    """The runner's row: ``expect`` per role (a role left out is observed and recorded, never judged); the
+    baseline wants every VIP answering without policy."""
+    expected, baseline = TruthTable([RUNNER], list(targets.values())), TruthTable([RUNNER], list(targets.values()))
+    for role, target in targets.items():
+        baseline.set(RUNNER, target, Expect.CONNECTED)
+        if role in expect:
+            expected.set(RUNNER, target, expect[role])
+    return PolicyCheck(name, [RUNNER], list(targets.values()), manifests, expected, baseline, flow_keys or {})
+
+
+def deny_policies(ns: str) -> list[dict]:
+    return [default_deny(ns, ("Ingress",))]
+
+
+def runner_allowed_policies(ns: str, runner_net: str) -> list[dict]:
+    return deny_policies(ns) + [allow_ingress_from_cidr(ns, "allow-runner-network", runner_net, HTTP_PORT)]
+
+
+def world_allowed_policies(ns: str) -> list[dict]:
+    return deny_policies(ns) + [allow_ingress_from_cidr(ns, "allow-world", "0.0.0.0/0", HTTP_PORT)]
+
+
+#: report name -> judge_load total (the names test_conntrack reports, so `lab report` compares them alike)
+LOAD_MEASURES = {"connections_requested": "requested", "connections_held": "held", "connections_verified": "verified",
+                 "connections_failed": "failed", "connection_resets": "resets", "open_rate_per_s": "open_rate_per_s",
+                 "connect_ms_p99": "connect_ms_p99"}
+DENIED = {"local": Expect.BLOCKED, "cluster": Expect.BLOCKED}
+RUNNER_ALLOWED = {"local": Expect.CONNECTED}  # the Cluster cell: implementation-defined, recorded
+WORLD_ALLOWED = {"local": Expect.CONNECTED, "cluster": Expect.CONNECTED}
+
+
+def local_source_findings(world: OutsideWorld, seen: RunnerObservation) -> tuple[dict, list[str]]:
+    """The Local backend's last answer under an allow: it saw the runner's own address (no SNAT)."""
+    answer = seen.answers.get(world.targets["local"])
+    problem = judge_source_preserved(answer, world.runner_ip)
+    return {"peer_seen_by_local_backend": (answer or {}).get("peer")}, [problem] if problem else []
+
+
+def cluster_path_findings(world: OutsideWorld, seen: RunnerObservation) -> tuple[dict, list[str]]:
+    """The Cluster backend's last answer: it runs on another node than the announcer, and saw a node's address
+    (SNAT by the announcing node), not the runner's. The record names the node, its address and the announcer."""
+    answer = seen.answers.get(world.targets["cluster"])
+    backend_node = world.pod_nodes.get(str((answer or {}).get("host")))
+    record, snat = judge_snat_source(answer, world.runner_ip, world.node_ips, world.announcer)
+    record.update(announcing_node=world.announcer, cluster_backend_node=backend_node)
+    return record, [p for p in (judge_cross_node(world.announcer, backend_node), snat) if p]
+
+
+def load_args(vip: str, connections: int, rate: float, hold: float) -> list[str]:
+    """`netprobe load` from the runner to the Cluster VIP's TCP port (its backend's `serve --tcp` echoes the
+    verify byte); a 5 s connect timeout."""
+    return ["load", "--to", f"{vip}:{LOAD_PORT}", "--connections", str(connections), "--rate", f"{rate:g}",
+            "--hold", f"{hold:g}", "--timeout", "5"]
+
+
+def judge_outside_load(node: str, before: dict, result: dict, during: dict, connections: int, min_rate: float,
+                       max_p99_ms: float) -> tuple[dict, list[str]]:
+    """The load's totals and problems: every connection established, held and verified (judge_load); every table
+    read on the announcing node rose by the load (judge_table_rises); open rate and p99 within the bounds."""
+    total, problems = judge_load([result])
+    problems += judge_table_rises(node, before, during, connections)
+    problems += judge_open_rate(total, min_rate, max_p99_ms)
+    return total, problems
+
+
+def datapath_tables(kube, session, node_facts, agents: dict[str, str], node: str, nat: bool) -> dict:
+    """table -> CtReading on ``node``: Cilium's BPF CT map (or nf_conntrack without Cilium) and, with ``nat``, the
+    BPF NAT map. Any failed read is NotMeasured."""
+    if agents and node not in agents:
+        raise NotMeasured(f"no Cilium agent on {node} (agents on {sorted(agents)})")
+    tables = {r.table: r for r in ct_readings(kube, session, node_facts, agents, only=node).values()}
+    if nat:
+        tables["bpf-nat"] = cilium.nat_reading(session, node, agents[node])
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------- the world
+
+
+def _backend(session, ns: str, role: str, node: str) -> str:
+    name = f"oi-{role}-{node}"[:63]
+    spec = session.probe_pod_spec(tcp=[TCP_PORT], http=[HTTP_PORT], node=node)
+    session.create_pod(ns, {"metadata": {"name": name, "labels": {"app": f"oi-{role}", k8s.OWNER_LABEL: "true"}},
+                            "spec": spec})
+    return name
+
+
+def _service(role: str) -> dict:
+    svc = k8s.load_balancer_service(f"oi-{role}", f"oi-{role}", HTTP_PORT, local=role == "local")
+    svc["spec"]["ports"].append({"name": "tcp", "port": LOAD_PORT, "targetPort": TCP_PORT, "protocol": "TCP"})
+    return svc
+
+
+def _wait_answer_from(ip: str, host: str, seconds: float) -> None:
+    def check():
+        answer = http_get(ip)
+        return (True, answer) if answer and answer.get("host") == host else (False, f"answer {answer}")
+    wait_for(f"http://{ip}/ to be answered by {host}", seconds, check, interval=0.5, hint=k8s.WAIT_HINT)
+
+
+@pytest.fixture(scope="module")
+def outside(session, kube, settings, runner_ip, node_facts) -> OutsideWorld:
+    if not settings.lb_pool:
+        pytest.skip("needs the MetalLB pool: pass --lab SPEC or --lb-pool CIDR|FIRST-LAST")
+    nodes = sorted(k8s.node_addresses(kube))
+    eligible, why_not = eligible_announcers(kube)
+    if len(nodes) < 2 or not eligible:
+        pytest.skip(f"outside-in needs a node that may announce and another node for the Cluster backend; nodes "
+                    f"{nodes}, may announce {eligible} (others: {why_not or 'none'})")
+    ns = session.namespace("oi")
+    local_node = eligible[-1]
+    never_announce = [n for n in nodes if n not in eligible]
+    pods = {"local": _backend(session, ns, "local", local_node),
+            "cluster": _backend(session, ns, "cluster", (never_announce or eligible)[0])}
+    pod_nodes = {pods["local"]: local_node, pods["cluster"]: (never_announce or eligible)[0]}
+    for role in ROLES:
+        session.wait_pods_ready(ns, f"app=oi-{role}", 1, f"outside-in {role} backend")
+        kube.core.create_namespaced_service(ns, _service(role))
+    vips = {role: k8s.wait_ingress(kube, ns, f"oi-{role}", settings.wait_seconds) for role in ROLES}
+    for role in ROLES:
+        wait_http(vips[role], 60)
+    macs = node_macs(node_facts)
+    announcer, _, _ = announcing_node(vips["cluster"], macs)
+    if announcer and announcer == pod_nodes[pods["cluster"]]:  # once: move the Cluster backend away from it
+        other = next(n for n in nodes if n != announcer)
+        old, pods["cluster"] = pods["cluster"], _backend(session, ns, "cluster", other)
+        pod_nodes[pods["cluster"]] = other
+        session.wait_pods_ready(ns, "app=oi-cluster", 2, "outside-in cluster backend (moved)")
+        kube.core.delete_namespaced_pod(old, ns, grace_period_seconds=0)
+        _wait_answer_from(vips["cluster"], pods["cluster"], 60)
+        announcer, _, _ = announcing_node(vips["cluster"], macs)
+    ready = {p.metadata.name: p.status.pod_ip for p in kube.core.list_namespaced_pod(ns).items}
+    return OutsideWorld(ns, runner_ip, runner_network(settings, runner_ip), vips, pods, pod_nodes,
+                        {role: ready.get(pods[role], "") for role in ROLES}, announcer,
+                        node_ips_from_facts(node_facts.facts()))
+
+
+@pytest.fixture(scope="module")
+def enforcement(session, kube):
+    return cilium.enforcement(session, kube)
+
+
+def _policy_step(outside: OutsideWorld, kube, settings, measure, enforcement, name: str, manifests: list[dict],
+                 expect: dict[str, Expect]) -> tuple:
+    barrier, drops, why = enforcement
+    check = outside_check(name, outside.targets, expect, manifests, outside.flow_keys())
+    seen = RunnerObservation(outside.address_of(), netprobe_on_runner)
+    result = run_policy_check(check, lambda m: replace_policies(kube, [outside.ns], m), seen, barrier, drops,
+                              settings.policy_seconds, consecutive=settings.policy_consecutive,
+                              transport_errors=(k8s.ProbeFailed,), unavailable=why)
+    measure_policy_result(measure, check, result)
+    measure("runner", outside.runner_ip)
+    measure("vips", outside.vips)
+    return check, result, seen
+
+
+def _report(measure, record: dict, problems: list[str]) -> None:
+    """Findings into the JSON report, then the verdict."""
+    for key, value in record.items():
+        measure(key, value)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.datapath("observe")
+def test_default_deny_denies_the_runner(outside, kube, settings, measure, enforcement):
+    _, result, _ = _policy_step(outside, kube, settings, measure, enforcement, "outside-in default deny",
+                                deny_policies(outside.ns), DENIED)
+    assert result.passed, result.text
+
+
+@pytest.mark.datapath("observe")
+def test_ipblock_allows_the_runner_and_keeps_its_address(outside, kube, settings, measure, enforcement):
+    _, result, seen = _policy_step(outside, kube, settings, measure, enforcement,
+                                   f"outside-in ipBlock {outside.runner_net}",
+                                   runner_allowed_policies(outside.ns, outside.runner_net), RUNNER_ALLOWED)
+    measure("runner_network", outside.runner_net)
+    last = result.enforced.last if result.enforced else None
+    cluster = last.get(RUNNER, outside.targets["cluster"]) if last is not None else None
+    measure("cluster_vip_under_runner_ipblock", cluster.value if cluster is not None else None)  # not judged
+    assert result.passed, result.text
+    _report(measure, *local_source_findings(outside, seen))
+
+
+@pytest.mark.datapath("observe")
+def test_cluster_traffic_crosses_nodes_and_is_snated(outside, kube, settings, measure, enforcement):
+    _, result, seen = _policy_step(outside, kube, settings, measure, enforcement, "outside-in ipBlock 0.0.0.0/0",
+                                   world_allowed_policies(outside.ns), WORLD_ALLOWED)
+    assert result.passed, result.text
+    _report(measure, *cluster_path_findings(outside, seen))
+
+
+@pytest.mark.datapath("load")
+def test_lb_datapath_under_load_from_outside(outside, kube, session, node_facts, settings, measure, enforcement):
+    barrier = enforcement[0]
+    mark = barrier.mark()
+    barrier.wait(mark, replace_policies(kube, [outside.ns], []), settings.policy_seconds)  # no policy left over
+    node = outside.announcer
+    if not node:
+        raise NotMeasured(f"cannot tell which node announces {outside.vips['cluster']}: the load's datapath "
+                          "tables cannot be read")
+    n, rate, hold = settings.lb_load_connections, settings.lb_load_rate, settings.conntrack_hold
+    agents = cilium.agents(kube)
+    nat = bool(agents) and settings.datapath.masquerading == "BPF"
+
+    def read():
+        return datapath_tables(kube, session, node_facts, agents, node, nat)
+    before = read()
+    opening = n / rate if rate else n / 5000
+    args = load_args(outside.vips["cluster"], n, rate, hold)
+    started = time.monotonic()
+    result, during = read_while_held(read, opening + min(hold / 2, 5),
+                                     lambda: netprobe_on_runner(args, hold + opening + 120))
+    total, problems = judge_outside_load(node, before, result, during, n, settings.lb_min_open_rate,
+                                         settings.lb_max_connect_p99_ms)
+    measure("announcing_node", node)
+    measure("tables", sorted(before))
+    for table in sorted(before):
+        measure(f"{table.replace('-', '_')}_rise", during[table].entries - before[table].entries)
+    for name, key in LOAD_MEASURES.items():
+        measure(name, total[key])
+    measure("min_open_rate_per_s", settings.lb_min_open_rate)
+    measure("max_connect_ms_p99", settings.lb_max_connect_p99_ms)
+    measure("load_seconds", round(time.monotonic() - started, 1))
+    assert not problems, (f"{n} connections from the runner to {outside.vips['cluster']}:{LOAD_PORT} "
+                          f"(announced by {node}), held {hold}s:\n  " + "\n  ".join(problems))
