@@ -146,9 +146,11 @@ def volume_xml(name: str, capacity_bytes: int, fmt: str = "qcow2",
 
 
 def _disk(devices: ET.Element, path: str, fmt: str, dev: str, *, readonly: bool = False,
-          serial: str | None = None) -> None:
+          serial: str | None = None, cache: str = "default") -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     driver = {"name": "qemu", "type": fmt}
+    if cache != "default":
+        driver["cache"] = cache
     if not readonly:
         driver["discard"] = "unmap"
     _sub(disk, "driver", **driver)
@@ -224,7 +226,7 @@ def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed
     _sub(dom, "on_reboot", "restart")
     _sub(dom, "on_crash", "destroy")
     devices = _sub(dom, "devices")
-    _disk(devices, disk_path, "qcow2", "vda")
+    _disk(devices, disk_path, "qcow2", "vda", cache=lab.libvirt.disk_cache)
     _disk(devices, seed_path, "raw", "vdb", readonly=True)  # the cloud kernel has no SATA/CD-ROM driver
     if bundle_path is not None:
         _disk(devices, bundle_path, "raw", "vdc", readonly=True, serial=BUNDLE_SERIAL)

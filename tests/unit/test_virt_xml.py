@@ -215,3 +215,14 @@ def test_emulated_control_plane_gets_the_larger_cpu_share(tmp_path):
             shares[node.role, virt_type] = dom.findtext("cputune/shares")
     assert shares[("control-plane", "qemu")] == str(TCG_CONTROL_PLANE_SHARES)
     assert shares[("control-plane", "kvm")] is None and shares[("worker", "qemu")] is None
+
+
+@pytest.mark.parametrize("cache", ["default", "unsafe"])
+def test_disk_cache_mode_applies_to_the_node_disk_only(tmp_path, cache):
+    lab = parse_lab({"name": "t1", "network": {"cidr": "10.77.0.0/24"}, "kubernetes": {"enabled": False},
+                     "libvirt": {"diskCache": cache},
+                     "nodes": [{"name": "cp1", "role": "control-plane", "cpus": 2, "memory": 1536}]})
+    dom = assert_valid(tmp_path, domain_xml(lab, lab.nodes[0], virt_type="qemu", disk_path="/p/d", seed_path="/p/s",
+                                            console_log="/p/l"), "domain")
+    caches = {d.find("target").get("dev"): d.find("driver").get("cache") for d in dom.iter("disk")}
+    assert caches == {"vda": None if cache == "default" else cache, "vdb": None}
