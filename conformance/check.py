@@ -117,7 +117,7 @@ def baseline_failures(check: PolicyCheck, observed: TruthTable | None) -> list[s
     for s, t in check.blocked_cells():
         got = observed.get(s, t) if observed is not None else None
         if got is not Verdict.CONNECTED:
-            out.append(f"{cell_id(s, t)} ({got.value if got is not None else 'not observed'})")
+            out.append(f"{check.expected.describe(s, t)} ({got.value if got is not None else 'not observed'})")
     return out
 
 
@@ -140,7 +140,7 @@ def judge_drop_reasons(check: PolicyCheck, drops: list[Drop] | None, unavailable
         reasons[cid] = ",".join(found)
         other = [r for r in found if r not in POLICY_DROP_REASONS]
         if other:
-            problems.append(f"{cid}: dropped for {', '.join(other)}, not by policy")
+            problems.append(f"{check.expected.describe(s, t)}: dropped for {', '.join(other)}, not by policy")
     return reasons, problems
 
 
