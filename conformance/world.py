@@ -59,6 +59,7 @@ class World:
     dns: Dns | None = None
     external_ports: dict = field(default_factory=lambda: dict(EXTERNAL_PORTS))
     notes: list[str] = field(default_factory=list)  # e.g. "one node: every cell is same-node"
+    unavailable: dict[str, str] = field(default_factory=dict)  # a left-out target (ext/c2) -> why
     targets: list[Target] = field(init=False)
     address_of: dict[Target, str] = field(init=False)
 
