@@ -117,7 +117,7 @@ def baseline_failures(check: PolicyCheck, observed: TruthTable | None) -> list[s
     for s, t in check.blocked_cells():
         got = observed.get(s, t) if observed is not None else None
         if got is not Verdict.CONNECTED:
-            out.append(f"{cell_id(s, t)} ({got.value if got is not None else 'not observed'})")
+            out.append(f"{check.expected.describe(s, t)} ({got.value if got is not None else 'not observed'})")
     return out
 
 
@@ -140,7 +140,7 @@ def judge_drop_reasons(check: PolicyCheck, drops: list[Drop] | None, unavailable
         reasons[cid] = ",".join(found)
         other = [r for r in found if r not in POLICY_DROP_REASONS]
         if other:
-            problems.append(f"{cid}: dropped for {', '.join(other)}, not by policy")
+            problems.append(f"{check.expected.describe(s, t)}: dropped for {', '.join(other)}, not by policy")
     return reasons, problems
 
 
@@ -186,11 +186,13 @@ def run_policy_check(check: PolicyCheck, apply: Callable[[list[dict]], int], obs
     return result
 
 
-def measure_policy_result(measure: Callable[[str, object], None], check: PolicyCheck, result: CheckResult) -> None:
+def measure_policy_result(measure: Callable[[str, object], None], check: PolicyCheck, result: CheckResult,
+                          record: dict | None = None) -> None:
     """What a policy check puts in the JSON report: its cells, the whole record (baseline, enforced, barrier, drop
-    reasons) and, once enforced, the convergence time, polls and retried transport failures."""
+    reasons, plus the check's own ``record`` entries such as default deny's placements) and, once enforced, the
+    convergence time, polls and retried transport failures."""
     measure("cells", len(check.expected.cells))
-    measure("policy", result.record())
+    measure("policy", {**result.record(), **(record or {})})
     if result.enforced is not None:
         measure("policy_converge_seconds", round(result.enforced.seconds, 1))
         measure("policy_polls", result.enforced.polls)

@@ -59,6 +59,7 @@ class Settings:
     lb_load_rate: float = DEFAULT_LB_LOAD_RATE
     lb_min_open_rate: float = DEFAULT_LB_MIN_OPEN_RATE
     lb_max_connect_p99_ms: float = DEFAULT_LB_MAX_CONNECT_P99_MS
+    outside_ip: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -90,6 +91,11 @@ def pytest_addoption(parser):
     g.addoption("--lb-pool", action="append", default=[], metavar="CIDR|FIRST-LAST",
                 help="MetalLB pool addresses, without --lab (repeatable)")
     g.addoption("--runner-ip", help="this host's address as seen from pods (default: the lab's gateway)")
+    g.addoption("--outside-ip", help="a second address of this host, distinct from --runner-ip, where the outside "
+                                     "target ext/c2 is served (ext/web is at --runner-ip), so an ipBlock `except` can "
+                                     "tell them apart (default: this host's source address on its default route "
+                                     "when it differs from the runner IP and a pod reaches it; else ext/c2 is left "
+                                     "out and the except step is skipped with the reason)")
     g.addoption("--conntrack-connections", type=int, help="connections for the conntrack check "
                                                           "(default: sized to the lab and nf_conntrack_max)")
     g.addoption("--conntrack-hold", type=float, default=10.0, help="seconds to hold them (default 10)")
@@ -174,7 +180,8 @@ def _settings(config) -> Settings:
         results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
         conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
         append_report=opt("--append-report"), expect_pod_sysctls=pod_sysctls, datapath=datapath,
-        hubble_relay=relay, runner_iface=opt("--runner-iface"), **_lb_load_options(opt))
+        hubble_relay=relay, runner_iface=opt("--runner-iface"), outside_ip=opt("--outside-ip"),
+        **_lb_load_options(opt))
 
 
 def _lb_load_options(opt) -> dict:
@@ -458,8 +465,10 @@ class RunnerTargets:
                 proc.kill()
 
 
-def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout: float = 10.0) -> RunnerTargets:
-    """Start one ``netprobe serve`` per target on this host, bound to ``ip``; wait for each ready file."""
+def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout: float = 10.0,
+                    option: str = "--runner-ip") -> RunnerTargets:
+    """Start one ``netprobe serve`` per target on this host, bound to ``ip`` (given as ``option``); wait for each
+    ready file."""
     import tempfile
     procs, tmp = [], Path(tempfile.mkdtemp(prefix="cf-serve-"))
     running = RunnerTargets(ip, dict(targets), procs)
@@ -474,10 +483,10 @@ def serve_on_runner(ip: str, targets: dict[str, int], udp: bool = True, timeout:
                 if proc.poll() is not None:
                     raise k8s.ConformanceError(f"netprobe serve on {ip}:{port} exited: "
                                                f"{proc.stderr.read().decode()[:300]}",
-                                               "is --runner-ip an address of this host?")
+                                               f"is {option} an address of this host?")
                 return (True, None) if ready.exists() else (False, "not listening yet")
             wait_for(f"netprobe serve on the runner at {ip}:{port} ({name})", timeout, check, interval=0.1,
-                     hint="is --runner-ip an address of this host?")
+                     hint=f"is {option} an address of this host?")
     except BaseException:
         running.stop()
         raise
@@ -508,6 +517,28 @@ def source_ip_towards(ip: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect((ip, 9))
         return sock.getsockname()[0]
+
+
+#: TEST-NET-1 (RFC 5737): asking the kernel for the route to it names the default route's source; nothing is sent.
+DEFAULT_ROUTE_PROBE = "192.0.2.1"
+
+
+def second_outside_address(settings, runner_ip: str, towards=source_ip_towards) -> tuple[str | None, str]:
+    """Where ext/c2 is served: --outside-ip, else this host's source address on its default route when it differs
+    from the runner IP. Returns (address, "") or (None, why it is left out)."""
+    if settings.outside_ip:
+        if settings.outside_ip == runner_ip:
+            raise pytest.UsageError(f"--outside-ip {runner_ip} is the runner IP: ext/c2 needs its own address")
+        return settings.outside_ip, ""
+    try:
+        ip = towards(DEFAULT_ROUTE_PROBE)
+    except OSError as exc:
+        return None, (f"this host has no default route ({exc.strerror or exc}), so no second address was found; "
+                      "pass --outside-ip A (another address of this host that pods reach)")
+    if ip == runner_ip:
+        return None, (f"this host's default-route address is the runner IP {runner_ip}; pass --outside-ip A "
+                      "(another address of this host that pods reach)")
+    return ip, ""
 
 
 def check_runner_reachable(session, ip: str, node: str) -> None:

@@ -3,8 +3,10 @@
 A *verdict* is what ``netprobe connect`` observed for one flow (``connected``, ``timeout``, ...).
 An *expectation* is what the oracle or a check wants: ``CONNECTED`` (allowed) or ``BLOCKED`` (denied by policy).
 A :class:`TruthTable` holds one value per (source, target) cell; cells have readable ids such as
-``ns-a/frontend->ns-b/backend:8080/TCP``. ``render_diff`` prints expected and observed side by side with the
-differing cells marked, which is what a failing check shows.
+``ns-a/frontend->ns-b/backend:8080/TCP``. A table may label its cells (``labels``: where the flow runs, e.g.
+``same-node`` / ``cross-node``); ``describe`` appends the label, so every message naming a cell says where it ran.
+``render_diff`` prints expected and observed side by side with the differing cells marked, which is what a failing
+check shows.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class TruthTable:
     sources: list[str]
     targets: list[Target]
     cells: dict[tuple[str, Target], object] = field(default_factory=dict)
+    labels: dict[tuple[str, Target], str] = field(default_factory=dict)  # e.g. "cross-node", for messages
 
     def __post_init__(self) -> None:
         self.targets = list(self.targets)
@@ -100,6 +103,11 @@ class TruthTable:
 
     def get(self, source: str, target: Target):
         return self.cells.get((source, target))
+
+    def describe(self, source: str, target: Target) -> str:
+        """The cell's id with its label, e.g. ``a/fe-0->b/be-1:8080/TCP [cross-node]``."""
+        label = self.labels.get((source, target))
+        return cell_id(source, target) + (f" [{label}]" if label else "")
 
     def by_id(self) -> dict[str, object]:
         return {cell_id(s, t): self.cells.get((s, t)) for s in self.sources for t in self.targets}
@@ -141,7 +149,7 @@ def render_diff(expected: TruthTable, observed: TruthTable) -> str:
         lines.append(f"{len(bad)} cell(s) differ (marked *...*):")
         for s, t in bad:
             obs = observed.get(s, t)
-            lines.append(f"  {cell_id(s, t)}: expected {expected.get(s, t).value}, observed "
+            lines.append(f"  {expected.describe(s, t)}: expected {expected.get(s, t).value}, observed "
                          f"{obs.value if obs is not None else 'nothing (not probed)'}{_hint(expected.get(s, t), obs)}")
     else:
         lines.append("all cells match")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from conformance.expect import (TRANSPORT_FAILURES, Expect, TruthTable, Verdict, cell_id, mismatches,
+from conformance.expect import (TRANSPORT_FAILURES, Expect, Target, TruthTable, Verdict, cell_id, mismatches,
                                render_diff)
 from lab.sysctl import normalize
 from lab.table import render_table
@@ -453,9 +453,9 @@ class Convergence:
 DEFAULT_CONSECUTIVE = 3
 
 
-def leaked_cells(expected: TruthTable, observed: TruthTable) -> list[str]:
+def leaked_cells(expected: TruthTable, observed: TruthTable) -> list[tuple[str, Target]]:
     """Cells expected BLOCKED that were observed CONNECTED: a denial that let a flow through."""
-    return [cell_id(s, t) for (s, t), exp in expected.cells.items()
+    return [(s, t) for (s, t), exp in expected.cells.items()
             if exp is Expect.BLOCKED and observed.get(s, t) is Verdict.CONNECTED]
 
 
@@ -492,13 +492,14 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
                 result.mismatched.append({"poll": result.polls, "at_s": round(clock() - start, 3), "cells": {
                     cell_id(s, t): (table.get(s, t).value if table.get(s, t) is not None else None) for s, t in bad}})
                 leaks = leaked_cells(expected, table)
-                for cid in leaks:
-                    result.leaks.setdefault(cid, []).append(result.polls)
+                for s, t in leaks:
+                    result.leaks.setdefault(cell_id(s, t), []).append(result.polls)
                 if leaks and (enforced or seen_match):
                     result.seconds = clock() - start
                     result.text = (f"{len(leaks)} blocked cell(s) connected at poll {result.polls} "
                                    f"({'after the enforcement barrier' if enforced else 'after the table had matched'}"
-                                   f"; a leak is never retried into a pass): {', '.join(leaks)}\n"
+                                   f"; a leak is never retried into a pass): "
+                                   f"{', '.join(expected.describe(s, t) for s, t in leaks)}\n"
                                    + render_diff(expected, table))
                     return result
             else:

@@ -438,6 +438,14 @@ def node_addresses(kube: Kube) -> dict[str, str]:
     return out
 
 
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+
+def control_plane_nodes(kube: Kube) -> set[str]:
+    """Names of the nodes labelled as control planes (kubeadm runs the API server and etcd there)."""
+    return {n.metadata.name for n in kube.core.list_node(label_selector=CONTROL_PLANE_LABEL).items}
+
+
 def load_balancer_service(name: str, app: str, target_port: int, *, annotations: dict | None = None,
                           local: bool = False) -> dict:
     """A LoadBalancer Service on port 80 for the pods labelled app=``app`` (ETP Local when ``local``)."""

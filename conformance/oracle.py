@@ -141,6 +141,8 @@ def node_of(end) -> str | None:
 
 
 SAME_NODE, CROSS_NODE, OUTSIDE, UNKNOWN = "same-node", "cross-node", "outside", "unknown"
+#: A Service target whose backends run on the source's node and on others: the datapath picks one per flow.
+EITHER = "same-node or cross-node (Service)"
 
 
 def placement(model: PolicyModel, source: str, target: Target | str) -> str:
@@ -154,6 +156,17 @@ def placement(model: PolicyModel, source: str, target: Target | str) -> str:
     if not a or not b:
         return UNKNOWN
     return SAME_NODE if a == b else CROSS_NODE
+
+
+def service_placement(source_node: str | None, backend_nodes: Iterable[str]) -> str:
+    """A flow to a Service (kube-dns): same-node when every backend runs on the source's node, cross-node when
+    none does, else EITHER."""
+    backends = set(backend_nodes)
+    if not source_node or not backends:
+        return UNKNOWN
+    if backends == {source_node}:
+        return SAME_NODE
+    return CROSS_NODE if source_node not in backends else EITHER
 
 
 def placements(model: PolicyModel, table: TruthTable) -> dict[str, str]:

@@ -54,10 +54,19 @@ def allow_egress_to(namespace: str, name: str, from_labels: dict, to_namespace: 
 
 
 def allow_ingress_from(namespace: str, name: str, to_labels: dict, from_namespace: str, from_labels: dict,
-                       port: int, proto: str = "TCP") -> dict:
+                       port: int | str, proto: str = "TCP") -> dict:
+    """``port`` may be a number or the name of a container port of the selected pods (``http``)."""
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"podSelector": {"matchLabels": dict(to_labels)}, "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {NAME_LABEL: from_namespace}},
                                             "podSelector": {"matchLabels": dict(from_labels)}}],
                                   "ports": [{"protocol": proto, "port": port}]}]}}
+
+
+def allow_egress_cidr(namespace: str, name: str, cidr: str, except_: list[str] = ()) -> dict:
+    """Egress allow-list for every pod of ``namespace``: ``cidr`` minus ``except_`` (an ipBlock), every port."""
+    block = {"cidr": cidr, **({"except": list(except_)} if except_ else {})}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": block}]}]}}

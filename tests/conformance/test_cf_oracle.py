@@ -132,12 +132,13 @@ def test_catalogue(name):
 
 
 def test_default_deny_steps_match_the_check():
-    """The three steps of test_default_deny, with the manifests it applies, give the hand-derived tables."""
+    """Steps 2 and 3 of test_default_deny in this catalogue's world (the ingress rule names the port `http`, as the
+    check's does) give the hand-derived tables; the check's own world is test_cf_world.py."""
     protected = ["a", "b"]
     step2 = [policies.default_deny(ns) for ns in protected]
     step3 = step2 + [policies.allow_dns(ns) for ns in protected] + [
         policies.allow_egress_to("a", "fe-be", {"app": "frontend"}, "b", {"app": "backend"}, 8080),
-        policies.allow_ingress_from("b", "be-fe", {"app": "backend"}, "a", {"app": "frontend"}, 8080)]
+        policies.allow_ingress_from("b", "be-fe", {"app": "backend"}, "a", {"app": "frontend"}, "http")]
     inside = cells(["a/frontend", "a/other", "b/db"], TARGETS) | cells(["c/client"], [BE80, BE80U, BE90, DB, FE])
     table2 = expected_table(PolicyModel(NAMESPACES, PODS, EXTERNALS, step2), SOURCES, TARGETS)
     assert {c for c, v in table2.by_id().items() if v is Expect.CONNECTED} == ALL - inside

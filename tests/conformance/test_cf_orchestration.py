@@ -333,6 +333,7 @@ def test_collect_only_lists_every_check_without_a_cluster(tmp_path):
                   "test_default_deny.py::test_step1_no_policy_everything_connects",
                   "test_default_deny.py::test_step2_default_deny_blocks_everything_in_and_out",
                   "test_default_deny.py::test_step3_only_dns_and_frontend_to_backend_pass",
+                  "test_default_deny.py::test_step4_egress_allow_list_with_except",
                   "test_mtu.py::test_pod_route_mtu", "test_mtu.py::test_path_mtu_between_nodes",
                   "test_conntrack.py::test_connections_held_without_loss[clusterip]",
                   "test_conntrack.py::test_connections_held_without_loss[loadbalancer]"]:

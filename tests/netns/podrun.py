@@ -25,10 +25,13 @@ BOOT = ("import encodings.idna, importlib.util, os, sys\n"
 
 
 def slim_dir(lab: Lab) -> str:
+    """The PATH directory holding only python3; safe when several probes start at once (threads)."""
     d = lab.tmp / "pod-bin"
-    if not d.exists():
-        d.mkdir()
+    d.mkdir(exist_ok=True)
+    try:
         (d / "python3").symlink_to(PROBE_PYTHON)
+    except FileExistsError:
+        pass  # made by a probe started at the same time
     return str(d)
 
 

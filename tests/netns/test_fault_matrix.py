@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import policy_standin
 import topo
 from podrun import PROBE_PYTHON, node_probe, pod_probe, pod_shell, pod_spawn
 from conformance.check import NoBarrier, PolicyCheck, run_policy_check
-from conformance.expect import Expect, Target, TruthTable, Verdict, observed_table
+from conformance.expect import Expect, Target, TruthTable, Verdict, cell_id, mismatches, observed_table
 from conformance.judge import (MtuFinding, NotMeasured, PathRun, conntrack_deltas, expected_pod_mtu, ip_in_pool,
                                judge_announcer, judge_backend_answer, judge_beyond_pool, judge_ct_capacity,
                                judge_ct_rise, judge_failover, judge_kernels, judge_kpr, judge_load, judge_paths,
@@ -33,6 +34,8 @@ from conformance.judge import (MtuFinding, NotMeasured, PathRun, conntrack_delta
 from conformance.pod_tuning import NODE_RP_FILTER_SCRIPT, judge_node_rp_filter, judge_pod_sysctls, parse_rp_filter_lines
 from conformance.cilium import judge_relay
 from conformance.l2 import L2Finding, judge_announcement, lab_link_macs
+from conformance.oracle import CROSS_NODE, OUTSIDE, SAME_NODE
+from conformance.world import step2_policies, step3_policies, step4_policies
 from conformance.test_kube_proxy_replacement import RULES_SCRIPT, parse_rules_answer
 from conformance.test_l2_announce import ARP_ARGS as L2_ARP_ARGS
 from lab.cilium_status import ExpectedDatapath, datapath_modes, judge_datapath, judge_health
@@ -93,9 +96,14 @@ MATRIX = {
                                                                        "test_deny_step1__healthy__passes"],
     "test_default_deny.py::test_step2_default_deny_blocks_everything_in_and_out": [
         "test_deny_step2__not_enforced__fails", "test_deny_step2__dead_target_baseline__fails",
-        "test_deny_step2__enforced__passes"],
+        "test_deny_step2__cross_node_leak__fails", "test_deny_step2__enforced__passes",
+        "test_deny_step2__world_enforced__passes"],
     "test_default_deny.py::test_step3_only_dns_and_frontend_to_backend_pass": [
-        "test_deny_step3__allows_every_port__fails", "test_deny_step3__one_port__passes"],
+        "test_deny_step3__allows_every_port__fails", "test_deny_step3__named_port_not_resolved__fails",
+        "test_deny_step3__one_port__passes", "test_deny_step3__named_port_resolved__passes"],
+    "test_default_deny.py::test_step4_egress_allow_list_with_except": [
+        "test_deny_step4__except_not_honoured__fails", "test_deny_step4__pod_reaches_node_port__fails",
+        "test_deny_step4__except_honoured__passes"],
     "test_pod_tuning.py::test_pods_get_the_sysctls_the_lab_claims": ["test_pod_sysctls__global_claim_wrong__fails",
                                                                      "test_pod_sysctls__claims_hold__passes"],
     "test_pod_tuning.py::test_rp_filter_on_pod_devices": ["test_rp_filter__all_strict__fails",
@@ -691,6 +699,84 @@ def test_deny_step3__allows_every_port__fails(lab):
 
 def test_deny_step3__one_port__passes(lab):
     result = _run(_policy_world(lab), "allow frontend->backend", ONE, True, [Target("b/backend", 8080, "TCP")])
+    assert result.passed, result.text
+
+
+# ------------------------------------------------------------------------- default deny on the world of issue 13
+# conformance/world.py's world in netns (tests/netns/policy_standin.py): 2 pods per namespace on two nodes, nodes as
+# targets and sources, ext/web and ext/c2 at distinct addresses; nftables compiled from a PolicyModel stands in for
+# Cilium, and a fault is a stand-in CNI that gets one thing wrong. The check's World, oracle and runner judge it.
+
+
+@pytest.fixture(scope="module")
+def world(root):
+    lab = topo.Lab()
+    try:
+        yield policy_standin.build(lab)
+    finally:
+        lab.close()
+
+
+def _labels(sw, manifests) -> dict[str, str]:
+    return {cell_id(s, t): label for (s, t), label in sw.world.expected(manifests).labels.items()}
+
+
+def test_deny_step2__cross_node_leak__fails(world):
+    """Enforced on each node for its own pods' flows, not for flows that came over the overlay: the one-pod world
+    with both pods on one node passed this; here every leak is a cross-node cell and every same-node cell holds."""
+    manifests = step2_policies(world.world)
+    result = policy_standin.run_step(world, "default deny", manifests, fault="cross-node")
+    assert not result.passed and result.text.startswith("default deny: tables did not match 2 times in a row")
+    labels = _labels(world, manifests)
+    assert result.enforced.leaks and {labels[c] for c in result.enforced.leaks} == {CROSS_NODE}
+    assert "c/client-0->b/backend-1:8080/TCP" in result.enforced.leaks  # into a protected pod on the other node
+    assert "node/node1->a/frontend-1:9090/UDP" in result.enforced.leaks  # a remote node into a protected pod
+    assert "  c/client-0->b/backend-1:8080/TCP [cross-node]: expected blocked, observed connected" in result.text
+    assert "[same-node]: expected blocked" not in result.text
+
+
+def test_deny_step2__world_enforced__passes(world):
+    result = policy_standin.run_step(world, "default deny", step2_policies(world.world))
+    assert result.passed, result.text
+    assert set(_labels(world, step2_policies(world.world)).values()) == {SAME_NODE, CROSS_NODE, OUTSIDE}
+
+
+def test_deny_step3__named_port_not_resolved__fails(world):
+    """`port: http` on the backend's ingress resolved to nothing: frontend -> backend 8080/TCP is dropped."""
+    manifests = step3_policies(world.world)
+    result = policy_standin.run_step(world, "allow frontend->backend", manifests, fault="unnamed-ports")
+    assert not result.passed and "tables did not match" in result.text
+    bad = {cell_id(s, t) for s, t in mismatches(world.world.expected(manifests), result.enforced.last)}
+    assert bad == {"a/frontend-%d->b/backend-%d:8080/TCP" % (i, j) for i in (0, 1) for j in (0, 1)}
+    assert "expected connected, observed timeout (allowed flow dropped" in result.text
+
+
+def test_deny_step3__named_port_resolved__passes(world):
+    result = policy_standin.run_step(world, "allow frontend->backend", step3_policies(world.world))
+    assert result.passed, result.text
+
+
+def test_deny_step4__except_not_honoured__fails(world):
+    """ipBlock 0.0.0.0/0 except ext/c2 with the except ignored: the frontend pods reach the C2 server."""
+    result = policy_standin.run_step(world, "allow-list", step4_policies(world.world), fault="no-except")
+    assert not result.passed and "tables did not match" in result.text
+    assert set(result.enforced.leaks) == {"a/frontend-%d->ext/c2:18081/%s" % (i, p) for i in (0, 1)
+                                          for p in ("TCP", "UDP")}
+    assert "a/frontend-0->ext/c2:18081/TCP [%s]: expected blocked, observed connected" % OUTSIDE in result.text
+
+
+def test_deny_step4__pod_reaches_node_port__fails(world):
+    """A CNI whose ipBlock selects node addresses (policy-cidr-match-mode: nodes) against the model's Cilium
+    default: the allow-list opens SSH, kubelet, API server and etcd to the frontend pods."""
+    result = policy_standin.run_step(world, "allow-list", step4_policies(world.world), fault="ipblock-nodes")
+    assert not result.passed
+    node_ports = ["node1:22", "node1:2379", "node1:6443", "node1:10250", "node2:22", "node2:10250"]
+    assert set(result.enforced.leaks) == {"a/frontend-%d->node/%s/TCP" % (i, t) for i in (0, 1) for t in node_ports}
+    assert "a/frontend-0->node/node2:10250/TCP [cross-node]: expected blocked" in result.text
+
+
+def test_deny_step4__except_honoured__passes(world):
+    result = policy_standin.run_step(world, "allow-list", step4_policies(world.world))
     assert result.passed, result.text
 
 

@@ -301,21 +301,34 @@ def build_cilium(lab: Lab, route_mtu: int | None = 1450, lb_vip: bool = True) ->
         lab.ip(node, "addr", "add", "10.201.254.%d/24" % n, "dev", "ov0")
         lab.ip(node, "link", "set", "ov0", "up")
         lab.ip(node, "route", "add", "10.201.%d.0/24" % other, "via", "10.201.254.%d" % other, "dev", "ov0")
-        pod = (c.pod1, c.pod2)[n - 1]
-        lab.ip(node, "link", "add", "lxc0", "mtu", "1500", "type", "veth", "peer", "name", "eth0", "netns", pod,
-               "mtu", "1500")
-        lab.ip(node, "addr", "add", CIL_ROUTER[n] + "/32", "dev", "lxc0")
-        lab.ip(node, "link", "set", "lxc0", "up")
-        lab.ip(node, "route", "add", CIL_POD[n] + "/32", "dev", "lxc0", "scope", "link")
-        lab.ip(pod, "addr", "add", CIL_POD[n] + "/32", "dev", "eth0")
-        lab.ip(pod, "link", "set", "eth0", "up")
-        lab.ip(pod, "route", "add", CIL_ROUTER[n], "dev", "eth0", "scope", "link")
-        mtu = ["mtu", str(route_mtu)] if route_mtu else []
-        lab.ip(pod, "route", "add", "default", "via", CIL_ROUTER[n], "dev", "eth0", *mtu)
+        attach_cilium_pod(c, n, (c.pod1, c.pod2)[n - 1], CIL_POD[n], "lxc0")
     if lb_vip:
         lab.ip(c.node1, "addr", "add", CIL_LB_VIP + "/32", "dev", "lan0")
         lab.nft(c.node1, LB_DNAT)
     return c
+
+
+def attach_cilium_pod(c: Cilium, n: int, pod: str, ip: str, dev: str) -> None:
+    """Pod namespace ``pod`` on node n as Cilium wires it: eth0 1500 with ``ip``/32, a scope-link route to the
+    router address (on the node's ``dev``), the default route via it with the route MTU."""
+    lab, node = c.lab, (c.node1, c.node2)[n - 1]
+    lab.ip(node, "link", "add", dev, "mtu", "1500", "type", "veth", "peer", "name", "eth0", "netns", pod, "mtu", "1500")
+    lab.ip(node, "addr", "add", CIL_ROUTER[n] + "/32", "dev", dev)
+    lab.ip(node, "link", "set", dev, "up")
+    lab.ip(node, "route", "add", ip + "/32", "dev", dev, "scope", "link")
+    lab.ip(pod, "addr", "add", ip + "/32", "dev", "eth0")
+    lab.ip(pod, "link", "set", "eth0", "up")
+    lab.ip(pod, "route", "add", CIL_ROUTER[n], "dev", "eth0", "scope", "link")
+    mtu = ["mtu", str(c.route_mtu)] if c.route_mtu else []
+    lab.ip(pod, "route", "add", "default", "via", CIL_ROUTER[n], "dev", "eth0", *mtu)
+
+
+def add_cilium_pod(c: Cilium, n: int, k: int) -> tuple[str, str]:
+    """Another pod on node n of build_cilium()'s layout: namespace ``pod<n>-<k>``, address 10.201.<n>.<2+k>, the
+    node's device lxc<k> (k >= 1; pod1/pod2 are k = 0). Returns (namespace, address)."""
+    ns, ip = c.lab.netns("pod%d-%d" % (n, k)), "10.201.%d.%d" % (n, 2 + k)
+    attach_cilium_pod(c, n, ns, ip, "lxc%d" % k)
+    return ns, ip
 
 
 LB_DNAT = """
