@@ -67,9 +67,11 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
 #: (10 x 30 s) ended in restart loops on the CI cluster, each agent restart recompiling the datapath with clang.
 #: The agent's start hooks (the clang datapath build among them) get 5 minutes by default: on the CI cluster's
 #: control plane the hive cancelled clang at 6:41 into the start ("Failed to compile bpf_sock.o: signal: killed",
-#: then fatal), so under TCG they get 30; the CRD wait likewise.
+#: then fatal), so under TCG they get 30; the CRD wait likewise. These are command-line flags: the hive reads its
+#: own timeouts before the config directory (a cilium-config key is ignored; the drift checker says "Mismatch found
+#: key=hive-start-timeout actual=5m0s expectedValue=30m").
 EMULATED_VALUES: dict[str, Any] = {
-    "extraConfig": {"hive-start-timeout": "30m", "crd-wait-timeout": "15m"},
+    "extraArgs": ["--hive-start-timeout=30m", "--crd-wait-timeout=15m"],
     "operator": {"extraArgs": ["--leader-election-lease-duration=60s", "--leader-election-renew-deadline=40s",
                                "--leader-election-retry-period=8s"]},
     "livenessProbe": {"failureThreshold": 30},

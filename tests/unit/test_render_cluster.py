@@ -320,5 +320,5 @@ def test_emulated_labs_give_cilium_leases_and_liveness_fit_for_tcg():
     values = cilium_values(lab_with(libvirt={"accel": "tcg"}))
     assert "--leader-election-lease-duration=60s" in values["operator"]["extraArgs"]
     assert values["livenessProbe"] == {"failureThreshold": 30}
-    assert values["extraConfig"]["hive-start-timeout"] == "30m"  # clang was killed at the 5 m default in TCG
+    assert "--hive-start-timeout=30m" in values["extraArgs"]  # clang was killed at the 5 m default in TCG
     assert "livenessProbe" not in cilium_values(default_lab())
