@@ -91,8 +91,9 @@ def local_accel(requested: str = "auto", uri: str = "this machine") -> tuple[str
 #: Emulated (TCG) workers' scheduling weight on a local host, as nice of the qemu process's autogroup. The kernel
 #: shares CPU between autogroups (sessions) equally, and libvirt starts each qemu in a session of its own: a 2-vCPU
 #: control plane got one host core, as much as a 1-vCPU worker (measured on the CI cluster: its vCPU threads at 55 %
-#: each, the worker's at 100 %, the API server timing out). Nice 10 gives the worker about a tenth when both want CPU.
-TCG_WORKER_AUTOGROUP_NICE = 10
+#: each, the worker's at 100 %, the API server timing out). Nice 5 (weight 335 against 1024) leaves the worker about
+#: a quarter when both want the host's CPU; nice 10 starved it (its pods' 1 s liveness probes failed in a loop).
+TCG_WORKER_AUTOGROUP_NICE = 5
 QEMU_PID_DIR = "/run/libvirt/qemu"  # qemu:///system's pid files, <domain>.pid
 
 
