@@ -126,3 +126,11 @@ def test_prune_keeps_the_current_bundle_only(tmp_path, monkeypatch):
     (tmp_path / "work").mkdir()
     bundle_build.prune_other_bundles(keep, say=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([keep, f"{keep}.ext4", "work"])
+
+
+def test_hubble_relay_keeps_gops_state_where_the_chart_lets_it_write():
+    """The chart runs the relay with a read-only root and an emptyDir at /tmp (templates/hubble-relay); without
+    GOPS_CONFIG_DIR there, gops fails to create $HOME/.config and the relay exits (seen on the CI cluster)."""
+    recipe = load_recipe()
+    [relay] = [img for ref, img in recipe.images.items() if ref.startswith("quay.io/cilium/hubble-relay:")]
+    assert relay.env.get("GOPS_CONFIG_DIR", "").startswith("/tmp/")
