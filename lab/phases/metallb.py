@@ -2,6 +2,7 @@
 (IPAddressPool + L2Advertisement), retrying the admission-webhook race until timeouts.webhook."""
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from lab.errors import LabError
@@ -9,8 +10,8 @@ from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import (LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
                         kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
-from lab.render.metallb import (API, NAMESPACE, metallb_documents, native_manifest_url, pool_addresses, pool_name,
-                                l2_name, render_metallb)
+from lab.render.metallb import (API, NAMESPACE, emulated_probe_patches, l2_name, metallb_documents,
+                                native_manifest_url, pool_addresses, pool_name, render_metallb)
 from lab.wait import api_starting, matches_any, wait_for
 
 if TYPE_CHECKING:
@@ -97,6 +98,10 @@ class Metallb(Phase):
         ctx.log.info(f"applying MetalLB {lab.metallb.version} native manifest ({source})")
         kubectl_retrying(ctx, host, "apply", "-f", source, what=f"applying the MetalLB manifest ({source})",
                          deadline_s=lab.timeouts.rollout)
+        for kind, name, patch in emulated_probe_patches(lab):
+            kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", kind, name, "--type", "strategic", "-p",
+                             json.dumps(patch), what=f"giving MetalLB's {name} probes fit for TCG",
+                             deadline_s=lab.timeouts.rollout)
         kubeconfig = fetch_kubeconfig(ctx)
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)

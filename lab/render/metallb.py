@@ -50,3 +50,20 @@ def render_metallb(lab: Lab) -> str:
     header = (f"# MetalLB {lab.metallb.version} L2 configuration for lab {lab.name}, written by lab.\n"
               "# Without the L2Advertisement nothing is announced.\n")
     return header + yaml.safe_dump_all(metallb_documents(lab), sort_keys=False, explicit_start=True)
+
+
+#: MetalLB's manifest probes its controller and speakers with a 1 s timeout, 3 failures. Under TCG the worker's
+#: speaker and controller missed it while the node was busy and restarted in a loop on the CI cluster ("Liveness
+#: probe failed ... Client.Timeout exceeded"), each restart dropping the L2 announcement.
+EMULATED_PROBES = {"livenessProbe": {"timeoutSeconds": 10, "failureThreshold": 12},
+                   "readinessProbe": {"timeoutSeconds": 10}}
+WORKLOADS = (("deployment", "controller"), ("daemonset", "speaker"))
+
+
+def emulated_probe_patches(lab: Lab) -> list[tuple[str, str, dict]]:
+    """(kind, name, strategic-merge patch) for MetalLB's workloads on an emulated (TCG) lab; none otherwise."""
+    if lab.libvirt.accel != "tcg":
+        return []
+    return [(kind, name, {"spec": {"template": {"spec": {"containers": [
+        {"name": name, **{k: dict(v) for k, v in EMULATED_PROBES.items()}}]}}}})
+        for kind, name in WORKLOADS]

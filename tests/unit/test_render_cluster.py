@@ -322,3 +322,14 @@ def test_emulated_labs_give_cilium_leases_and_liveness_fit_for_tcg():
     assert values["livenessProbe"] == {"failureThreshold": 30}
     assert "--hive-start-timeout=30m" in values["extraArgs"]  # clang was killed at the 5 m default in TCG
     assert "livenessProbe" not in cilium_values(default_lab())
+
+
+def test_emulated_labs_give_metallb_probes_fit_for_tcg():
+    """The worker's speaker and controller failed MetalLB's 1 s probes under TCG and restarted in a loop."""
+    from lab.render.metallb import emulated_probe_patches
+
+    patches = {name: patch for _, name, patch in emulated_probe_patches(lab_with(libvirt={"accel": "tcg"}))}
+    assert sorted(patches) == ["controller", "speaker"]
+    [speaker] = patches["speaker"]["spec"]["template"]["spec"]["containers"]
+    assert speaker["name"] == "speaker" and speaker["livenessProbe"]["timeoutSeconds"] == 10
+    assert emulated_probe_patches(default_lab()) == []
