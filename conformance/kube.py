@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -183,14 +184,27 @@ class Executor(Protocol):
 
 
 class StreamExecutor:
-    """Exec through the API server's websocket (``kubectl exec``), keeping the real exit code."""
+    """Exec through the API server's websocket (``kubectl exec``), keeping the real exit code.
+
+    ``kubernetes.stream.stream`` swaps the request method of the ApiClient it is given for a websocket one while the
+    exec runs. On the shared client, every other thread's ordinary call in that window went out as a websocket
+    handshake ("Handshake status 200 OK", seen against the real CI cluster: list_namespaced_pod failed while probes
+    were exec'd). So each thread execs through an ApiClient of its own that nothing else uses."""
 
     def __init__(self, kube: Kube):
         self.kube = kube
+        self._local = threading.local()
+
+    def exec_api(self) -> client.CoreV1Api:
+        """This thread's own CoreV1Api for exec (same configuration as the shared client, never shared)."""
+        api = getattr(self._local, "core", None)
+        if api is None:
+            api = self._local.core = client.CoreV1Api(client.ApiClient(self.kube.api.configuration))
+        return api
 
     def run(self, namespace: str, pod: str, command: list[str], timeout: float,
             container: str = "probe") -> ExecResult:
-        resp = stream(self.kube.core.connect_get_namespaced_pod_exec, pod, namespace, command=command,
+        resp = stream(self.exec_api().connect_get_namespaced_pod_exec, pod, namespace, command=command,
                       container=container, stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
         try:
             resp.run_forever(timeout=timeout)
