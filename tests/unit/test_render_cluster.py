@@ -333,3 +333,16 @@ def test_emulated_labs_give_metallb_probes_fit_for_tcg():
     [speaker] = patches["speaker"]["spec"]["template"]["spec"]["containers"]
     assert speaker["name"] == "speaker" and speaker["livenessProbe"]["timeoutSeconds"] == 10
     assert emulated_probe_patches(default_lab()) == []
+
+
+def test_the_bpf_conntrack_and_nat_maps_get_the_labs_conntrack_budget():
+    """With KPR the BPF CT map is the conntrack table: on the real CI cluster Cilium sized it from memory (131072)
+    while the lab claimed nf_conntrack_max 1000000, and the conformance conntrack check failed on it."""
+    from lab.render.cilium import bpf_map_sizes
+
+    lab = default_lab()
+    assert cilium_values(lab)["bpf"] == {"masquerade": lab.cilium.bpf_masquerade, "ctTcpMax": 1000000,
+                                         "ctAnyMax": 500000, "natMax": 1000000}
+    small = lab_with(tuning={"sysctls": {"net.netfilter.nf_conntrack_max": "262144"}})
+    assert bpf_map_sizes(small)["ctTcpMax"] == 262144
+    assert bpf_map_sizes(lab_with(cilium={"kubeProxyReplacement": False})) == {}
