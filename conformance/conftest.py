@@ -307,11 +307,23 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A check that could not measure (NotMeasured, ProbeFailed) is an ERROR with its message, never a verdict."""
+    """A check that could not measure is an ERROR with its message, never a verdict: NotMeasured, ProbeFailed, and
+    a transport error reaching the API server or a node (lab.wait.is_transport_error: the real CI cluster's
+    "ApiException: (0)" from a broken exec channel had been reported as FAIL)."""
     outcome = yield
     rep = outcome.get_result()
-    if call.excinfo is not None and call.excinfo.errisinstance((NotMeasured, k8s.ProbeFailed)):
+    if call.excinfo is not None and not_measured(call.excinfo.value):
         rep.user_properties.append(("not_measured", True))
+
+
+def not_measured(exc: BaseException) -> bool:
+    """A WaitTimeout stays a verdict: a check that waited for the cluster to do something and it never did."""
+    from lab.errors import WaitTimeout
+    from lab.wait import is_transport_error
+
+    if isinstance(exc, (NotMeasured, k8s.ProbeFailed)):
+        return True
+    return is_transport_error(exc) and not isinstance(exc, WaitTimeout)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -476,3 +476,19 @@ def test_d13_dns_cells_come_from_netprobe_dns_probes():
 
 def test_d13_barrier_interface_is_honest_about_skipping():
     assert NoBarrier("no Cilium").wait(None, 3, 10) == BarrierResult(False, "enforcement barrier skipped: no Cilium")
+
+
+def test_a_transport_error_in_a_check_is_not_measured_never_a_failure():
+    """Against the real CI cluster a broken exec channel raised ApiException(status 0) inside checks, and the report
+    called them FAIL. A transport error is an ERROR; a wrong answer from the API server (404) is not."""
+    from kubernetes.client.exceptions import ApiException
+
+    from conformance.conftest import not_measured
+    from conformance.judge import NotMeasured
+
+    assert not_measured(ApiException(status=0, reason="Handshake status 200 OK"))
+    assert not_measured(ApiException(status=503)) and not_measured(ConnectionResetError())
+    assert not_measured(NotMeasured("no counters"))
+    assert not not_measured(ApiException(status=404)) and not not_measured(AssertionError("leak"))
+    from lab.errors import WaitTimeout
+    assert not not_measured(WaitTimeout("no LoadBalancer IP within 120s"))  # the cluster never did it: a verdict
