@@ -321,6 +321,7 @@ def test_emulated_labs_give_cilium_leases_and_liveness_fit_for_tcg():
     assert "--leader-election-lease-duration=60s" in values["operator"]["extraArgs"]
     assert values["livenessProbe"] == {"failureThreshold": 30}
     assert "--hive-start-timeout=30m" in values["extraArgs"]  # clang was killed at the 5 m default in TCG
+    assert values["startupProbe"]["failureThreshold"] * 2 >= 1800  # the probe allows as long as the hive
     assert "livenessProbe" not in cilium_values(default_lab())
 
 
