@@ -39,13 +39,13 @@ API_BUSY = (r"etcdserver: (request timed out|leader changed|too many requests)",
 
 
 def kubectl_retrying(ctx: "Context", host: "Host", *args: str, what: str, deadline_s: float,
-                     also: tuple[str, ...] = ()) -> "CommandResult":
-    """kubectl (admin credentials) until it succeeds, retrying while the API server is busy (API_BUSY + ``also``)
-    until ``deadline_s``; any other failure at once."""
+                     transient: "Callable[[CommandResult], bool] | None" = None) -> "CommandResult":
+    """kubectl (admin credentials) until it succeeds, retrying the failures ``transient`` accepts (default: the
+    API server is busy, API_BUSY) until ``deadline_s``; any other failure at once."""
     from lab.wait import matches_any, retry_command
 
     return retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", *args, sudo=True, what=what,
-                         deadline_s=deadline_s, transient=matches_any(API_BUSY + also), interval=5.0,
+                         deadline_s=deadline_s, transient=transient or matches_any(API_BUSY), interval=5.0,
                          log=ctx.log.info)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from lab.errors import LabError
 from lab.kubeconfig import fetch_kubeconfig
-from lab.kubectl import (LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
+from lab.kubectl import (API_BUSY, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
                         kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.metallb import (API, NAMESPACE, emulated_probe_patches, l2_name, metallb_documents,
@@ -24,7 +24,8 @@ WEBHOOK_SERVICE = "metallb-webhook-service"
 WEBHOOK_NOT_READY = (r"failed calling webhook", r"no endpoints available for service", r"connection refused",
                      r"context deadline exceeded", r"x509: certificate signed by unknown authority",
                      r"the server is currently unable", r"i/o timeout", r"webhook.*not ready")
-webhook_not_ready = matches_any(WEBHOOK_NOT_READY)
+#: What applying metallb.yaml retries: the webhook race, and a busy API server.
+webhook_not_ready = matches_any(API_BUSY + WEBHOOK_NOT_READY)
 
 
 def endpoint_slices_ready(slices) -> tuple[bool, str]:
@@ -48,8 +49,8 @@ def wait_metallb(ctx: "Context", kubeconfig: str, deadline_s: float, *, quiet: b
         w_ok, w = endpoint_slices_ready(slices)
         return c_ok and s_ok and w_ok, f"{c}; {s}; {w}"
 
-    wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5, log=None if quiet else ctx.log.info,
-             transient=api_starting,
+    wait_for("MetalLB controller, speakers and webhook endpoint", deadline_s, probe, interval=5,
+             log=None if quiet else ctx.log.info, transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n metallb-system get pods -o wide`; raise timeouts.rollout")
 
 
@@ -107,6 +108,6 @@ class Metallb(Phase):
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(CONFIG_PATH, render_metallb(lab), mode=0o600)
         kubectl_retrying(ctx, host, "apply", "-f", CONFIG_PATH, what="applying metallb.yaml (IPAddressPool + "
-                         "L2Advertisement)", deadline_s=lab.timeouts.webhook, also=WEBHOOK_NOT_READY)
+                         "L2Advertisement)", deadline_s=lab.timeouts.webhook, transient=webhook_not_ready)
         if not pool_applied(kubeconfig, lab):
             raise LabError("metallb.yaml applied but the pool read back differs", hint="`lab render` and compare")

@@ -56,8 +56,9 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
         # MetalLB owns LoadBalancer addresses; Cilium's LB-IPAM would race it for every Service.
         "defaultLBServiceIPAM": "none",
     }
-    if bpf_map_sizes(lab):
-        values = deep_merge(values, {"bpf": bpf_map_sizes(lab)})
+    sizes = bpf_map_sizes(lab)
+    if sizes:
+        values = deep_merge(values, {"bpf": sizes})
     if lab.kubernetes.source == "bundle":
         values = deep_merge(values, bundle_values())
     if lab.libvirt.accel == "tcg":
