@@ -17,6 +17,8 @@ import yaml
 from clusterlab import ROOT, SPEC, kubectl
 from labrun import lab_cli
 
+from lab.wait import wait_for
+
 KUBE_PROXY_ARCHIVE = "/var/lib/lab/bundle/images/registry.k8s.io_kube-proxy_v1.37.2.tar"
 KUBE_PROXY_IMAGE = "registry.k8s.io/kube-proxy:v1.37.2"
 CTR = "ctr --address /run/containerd/containerd.sock --namespace k8s.io"
@@ -127,3 +129,42 @@ def run_checks(state: Path, results: Path, *selection: str, timeout: float = 540
                     outcome, message = tag, (found.get("message") or "") + "\n" + (found.text or "")
             outcomes[case.get("name")] = (outcome, message)
     return proc.returncode, outcomes, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def second_arp_responder(bridge: str, addresses: list[str], netns: str = "kvmlab-rogue"):
+    """A host on the lab's L2 that also answers ARP for the pool's addresses (a stale VIP on a decommissioned
+    box, a second L2 speaker): its own network namespace, created here, on a veth enslaved to the lab's bridge
+    inside labns. Linux answers ARP for every local address, so holding the pool's addresses is enough.
+    Everything is removed on exit."""
+    from labrun import in_netns
+
+    def run(argv):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
+
+    run(["ip", "netns", "add", netns])
+    try:
+        run(in_netns(["ip", "link", "add", "rogue-br", "type", "veth", "peer", "name", "rogue0", "netns", netns]))
+        run(in_netns(["ip", "link", "set", "rogue-br", "master", bridge, "up"]))
+        inside = ["ip", "netns", "exec", netns]
+        run([*inside, "ip", "link", "set", "rogue0", "up"])
+        for i, address in enumerate(addresses):  # the first with the lab's prefix: a route to the askers
+            run([*inside, "ip", "addr", "add", f"{address}/{24 if i == 0 else 32}", "dev", "rogue0"])
+        mac = subprocess.run([*inside, "cat", "/sys/class/net/rogue0/address"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.strip()
+        wait_for("the rogue port of the lab's bridge to reach STP state forwarding", 120,
+                 lambda: _port_state(in_netns(["bridge", "-j", "link", "show", "dev", "rogue-br"])), interval=1.0)
+        yield mac
+    finally:
+        subprocess.run(in_netns(["ip", "link", "del", "rogue-br"]), capture_output=True, timeout=60)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=60)
+
+
+def _port_state(argv) -> tuple[bool, str]:
+    import json
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return False, f"`bridge link` exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+    state = (json.loads(proc.stdout or "[]") or [{}])[0].get("state")
+    return state == "forwarding", f"port state {state}"

@@ -9,7 +9,7 @@ import pytest
 
 from clusterlab import RESULTS
 from faults import (cilium_values_override, kube_proxy_installed, network_policies_deleted, run_checks,
-                    sysctl_reverted)
+                    second_arp_responder, sysctl_reverted)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.faults]
 
@@ -75,3 +75,43 @@ def test_pod_mtu_too_large_for_the_underlay_fails_the_mtu_checks(cluster, cluste
     outcome, message = outcome_of(outcomes, "test_pod_route_mtu")
     assert outcome == "failure" and "1460" in message, message
     assert outcome_of(outcomes, "test_node_underlay_mtu")[0] == "passed"
+
+
+def test_small_bpf_ct_map_fails_the_conntrack_check(cluster, cluster_state, tmp_path):
+    """Cilium's BPF CT map sized far below the declared peak (as when its sizes are left to Cilium's memory-based
+    default on a small node): the conntrack check fails and names the node, the table and its size."""
+    small = {"bpf": {"ctTcpMax": 16384, "ctAnyMax": 8192}}
+    with cilium_values_override(cluster_state, tmp_path, small):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-bpf-ct", "conformance/test_conntrack.py",
+                                        "-k", "clusterip")
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_connections_held_without_loss[clusterip]")
+    assert outcome == "failure", message
+    assert "bpf-ct holds 16384 entries" in message and "headroom" in message, message
+
+
+def pool_addresses(lab) -> list[str]:
+    import ipaddress
+    out = []
+    for entry in lab.metallb.addresses:
+        if "-" in entry:
+            first, last = (ipaddress.ip_address(x.strip()) for x in entry.split("-"))
+            out += [str(ipaddress.ip_address(i)) for i in range(int(first), int(last) + 1)]
+        else:
+            out += [str(a) for a in ipaddress.ip_network(entry, strict=False)]
+    return out
+
+
+def test_second_arp_responder_for_the_vip_is_caught(cluster, cluster_state, cluster_lab):
+    """Another host on the lab's L2 answers ARP for the pool's addresses: the one-announcer check fails, naming
+    the foreign MAC next to the node's; without it the same check passes."""
+    with second_arp_responder(cluster_lab.bridge_name, pool_addresses(cluster_lab)) as rogue_mac:
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-arp", "conformance/test_l2_announce.py",
+                                        "-k", "one_announcer")
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_l2_one_announcer_matches_servicel2status")
+    assert outcome == "failure", message
+    assert rogue_mac in message.lower() and "answered by" in message, message
+    rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-arp-restored", "conformance/test_l2_announce.py",
+                                    "-k", "one_announcer")
+    assert rc == 0, tail
