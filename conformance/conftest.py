@@ -50,6 +50,7 @@ class Settings:
     policy_consecutive: int = DEFAULT_CONSECUTIVE
     conntrack_peak: int = DEFAULT_CONNTRACK_PEAK
     failover_seconds: float = DEFAULT_FAILOVER_SECONDS
+    failover_by: str = "taint"
     append_report: bool = False
     expect_pod_sysctls: dict[str, str] = field(default_factory=dict)
     datapath: ExpectedDatapath = field(default_factory=ExpectedDatapath)
@@ -108,6 +109,10 @@ def pytest_addoption(parser):
                      f"(default {DEFAULT_CONNTRACK_PEAK})")
     g.addoption("--failover-seconds", type=float, default=DEFAULT_FAILOVER_SECONDS,
                 help=f"bound on LoadBalancer failover (default {DEFAULT_FAILOVER_SECONDS:.0f}s)")
+    g.addoption("--failover-by", default="taint",
+                help="how the failover check takes the announcing node away: taint (a NoExecute taint evicts its "
+                     "speaker; any cluster), suspend (its VM paused through libvirt) or link-down (its NIC set "
+                     "down through libvirt); the last two need --lab")
     g.addoption("--lb-load-connections", type=int, default=DEFAULT_LB_LOAD_CONNECTIONS,
                 help="connections from the runner to the LoadBalancer VIP, held --conntrack-hold seconds "
                      f"(default {DEFAULT_LB_LOAD_CONNECTIONS})")
@@ -179,9 +184,18 @@ def _settings(config) -> Settings:
         runner_ip=opt("--runner-ip"),  # else derived from the route to the nodes (fixture runner_ip)
         results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
         conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
+        failover_by=_failover_by(opt("--failover-by") or "taint", lab),
         append_report=opt("--append-report"), expect_pod_sysctls=pod_sysctls, datapath=datapath,
         hubble_relay=relay, runner_iface=opt("--runner-iface"), outside_ip=opt("--outside-ip"),
         **_lb_load_options(opt))
+
+
+def _failover_by(method: str, lab) -> str:
+    from conformance.failover import usage_problem
+    problem = usage_problem(method, lab)
+    if problem:
+        raise pytest.UsageError(problem)
+    return method
 
 
 def _lb_load_options(opt) -> dict:

@@ -17,8 +17,9 @@ import pytest
 
 from conformance import kube as k8s
 from conformance.conftest import netprobe_on_runner
-from conformance.judge import (ip_in_pool, judge_announcer, judge_backend_answer, judge_failover, judge_requested_ip,
-                               judge_source_preserved, outside_pool_address, parse_link_macs, parse_neighbour)
+from conformance.judge import (NotMeasured, ip_in_pool, judge_announcer, judge_backend_answer, judge_failover,
+                               judge_requested_ip, judge_source_preserved, outside_pool_address, parse_link_macs,
+                               parse_neighbour)
 from conformance.l2 import failover_skip_reason, may_announce
 from lab.errors import WaitTimeout
 from lab.wait import wait_for
@@ -99,10 +100,6 @@ def test_http_from_runner_reaches_a_backend(lb, measure):
     assert not problem, problem
 
 
-def _taint(t) -> dict:
-    return {k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v is not None}
-
-
 def node_macs(node_facts) -> dict[str, set[str]]:
     return {node: parse_link_macs(node_facts.host(node, "ip -o link").stdout) for node in node_facts.pods}
 
@@ -168,41 +165,90 @@ def eligible_announcers(kube) -> tuple[list[str], dict[str, str]]:
                         speaker_nodes=[p.spec.node_name for p in speakers if k8s._pod_ready(p)] if speakers else None)
 
 
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+
+
+def vip_announced_off_the_control_plane(lb, kube, settings, macs) -> tuple[str, str]:
+    """(VIP, announcer) of a Service announced by a node that is not a control plane: suspending or unplugging the
+    only API server would take the cluster away with the announcer. The lb fixture's VIP when a worker announces
+    it, else extra Services with other requested pool addresses until one is (MetalLB picks the announcer per
+    address); NotMeasured naming the addresses tried when none is."""
+    from lab.spec import pool_ranges
+    control_planes = {n.metadata.name for n in kube.core.list_node().items
+                      if CONTROL_PLANE_LABEL in (n.metadata.labels or {})}
+    wait_http(lb["ip"], 60)
+    node, mac, _ = announcing_node(lb["ip"], macs)
+    if node and node not in control_planes:
+        return lb["ip"], node
+    tried = [f"{lb['ip']} ({node})"]
+    first, last = pool_ranges(settings.lb_pool[0])
+    for i, address in enumerate(a for a in (first + k for k in range(int(last) - int(first) + 1))
+                                if str(a) != lb["ip"]):
+        if i >= 6:
+            break
+        name = f"lb-failover-{i}"
+        kube.core.create_namespaced_service(lb["ns"], lb_service(name, {"metallb.io/loadBalancerIPs": str(address)}))
+        ip = wait_ingress(kube, lb["ns"], name, settings.wait_seconds)
+        wait_http(ip, 60)
+        node, mac, _ = announcing_node(ip, macs)
+        if node and node not in control_planes:
+            return ip, node
+        tried.append(f"{ip} ({node})")
+    raise NotMeasured("every VIP tried is announced by a control plane, which --failover-by "
+                      f"{settings.failover_by} would take away with the API server: {', '.join(tried)}")
+
+
+def wait_node_ready(kube, node: str, seconds: float) -> None:
+    from conformance.l2 import ready_nodes
+
+    def check():
+        ready = node in ready_nodes(kube.core.list_node().items)
+        return (True, None) if ready else (False, f"{node} not Ready")
+    wait_for(f"node {node} to be Ready again after the failover check restored it", seconds, check, interval=2.0,
+             hint=k8s.WAIT_HINT)
+
+
 @pytest.mark.disruptive
 def test_failover_to_another_node(lb, kube, node_facts, settings, measure):
-    """Taint the announcing node NoExecute (its speaker is evicted); time until the IP answers from another node."""
+    """Take the announcing node away (--failover-by: its speaker evicted by a NoExecute taint, its VM suspended,
+    or its NIC set down through libvirt); time until the IP answers HTTP from another node."""
+    from conformance.failover import HYPERVISOR_METHODS, take_down
     skip = failover_skip_reason(*eligible_announcers(kube))
     if skip:  # a skip, reported as one (never a pass)
         pytest.skip(skip)
+    method = settings.failover_by
     macs = node_macs(node_facts)
-    wait_http(lb["ip"], 60)
-    before, mac, owners = announcing_node(lb["ip"], macs)
-    assert before, f"cannot tell the announcing node ({lb['ip']} at {mac}, owners {owners})"
-    node = kube.core.read_node(before)
-    taints = [_taint(t) for t in (node.spec.taints or [])]
-    kube.core.patch_node(before, {"spec": {"taints": taints + [
-        {"key": FAILOVER_TAINT, "value": "true", "effect": "NoExecute"}]}})
+    if method in HYPERVISOR_METHODS:
+        ip, before = vip_announced_off_the_control_plane(lb, kube, settings, macs)
+    else:
+        ip = lb["ip"]
+        wait_http(ip, 60)
+        before, mac, owners = announcing_node(ip, macs)
+        assert before, f"cannot tell the announcing node ({ip} at {mac}, owners {owners})"
+    restore = take_down(kube, settings.lab, before, method, FAILOVER_TAINT)
     started = time.monotonic()
     try:
         def check():
-            answer = http_get(lb["ip"], timeout=1.0)
-            now, mac_now, _ = announcing_node(lb["ip"], macs)
+            answer = http_get(ip, timeout=1.0)
+            now, mac_now, _ = announcing_node(ip, macs)
             done = answer is not None and now is not None and now != before
-            state = f"HTTP {'ok' if answer else 'no answer'}, {lb['ip']} at {mac_now} ({now})"
+            state = f"HTTP {'ok' if answer else 'no answer'}, {ip} at {mac_now} ({now})"
             return (True, now) if done else (False, state)
         bound = settings.failover_seconds
         seconds, after, waited = None, None, ""
         try:
-            after = wait_for(f"{lb['ip']} to answer from a node other than {before}", bound, check, interval=0.2,
+            after = wait_for(f"{ip} to answer from a node other than {before} ({method})", bound, check,
+                             interval=0.2,
                              hint="raise --failover-seconds only if this failover time is acceptable in production")
             seconds = time.monotonic() - started
         except WaitTimeout as exc:
             waited = str(exc)
         record, problem = judge_failover(seconds, bound, time.monotonic() - started)
     finally:
-        current = kube.core.read_node(before).spec.taints or []
-        kube.core.patch_node(before, {"spec": {"taints": [_taint(t) for t in current if t.key != FAILOVER_TAINT]}})
+        restore()
+    wait_node_ready(kube, before, max(settings.wait_seconds, 300))
     for key, value in record.items():  # measured time against the bound, in the JSON report either way
         measure(key, value)
     measure("failover", f"{before} -> {after}")
+    measure("failover_by", method)
     assert not problem, problem + (f": {waited}" if waited else "")

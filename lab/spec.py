@@ -170,6 +170,10 @@ class CiliumSpec(Model):
 class MetallbSpec(Model):
     version: str = METALLB_VERSION
     addresses: list[str] = Field(default_factory=list)
+    #: kubeadm labels control planes node.kubernetes.io/exclude-from-external-load-balancers, so MetalLB never
+    #: announces from them. True lifts the label (a small lab whose one worker would be the only announcer, with
+    #: nowhere to fail over to); False keeps kubeadm's label. `lab up` makes the nodes match either way.
+    control_planes_announce: bool = Field(default=False, alias="controlPlanesAnnounce")
 
 
 class Lab(Model):

@@ -67,6 +67,22 @@ def pool_applied(kubeconfig: str, lab) -> bool:
             and l2["spec"].get("ipAddressPools") == metallb_documents(lab)[1]["spec"]["ipAddressPools"])
 
 
+EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
+
+
+def announce_labels_wrong(kubeconfig: str, lab) -> list[str]:
+    """Control planes whose exclusion label does not match metallb.controlPlanesAnnounce."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client(kubeconfig))
+    wrong = []
+    for cp in lab.control_planes:
+        labels = core.read_node(cp.name, _request_timeout=10).metadata.labels or {}
+        if (EXCLUDE_LB_LABEL in labels) == lab.metallb.control_planes_announce:
+            wrong.append(cp.name)
+    return wrong
+
+
 def bundle_manifest(host) -> str:
     """The bundle's MetalLB native manifest on the control plane's bundle disk."""
     from lab.bundle.build import current_bundle
@@ -86,7 +102,7 @@ class Metallb(Phase):
         try:
             kubeconfig = fetch_kubeconfig(ctx)
             wait_metallb(ctx, kubeconfig, 1, quiet=True)
-            return pool_applied(kubeconfig, ctx.lab)
+            return pool_applied(kubeconfig, ctx.lab) and not announce_labels_wrong(kubeconfig, ctx.lab)
         except Exception:  # noqa: BLE001 - any gap means: run
             return False
 
@@ -111,3 +127,12 @@ class Metallb(Phase):
                          "L2Advertisement)", deadline_s=lab.timeouts.webhook, transient=webhook_not_ready)
         if not pool_applied(kubeconfig, lab):
             raise LabError("metallb.yaml applied but the pool read back differs", hint="`lab render` and compare")
+        for node in announce_labels_wrong(kubeconfig, lab):
+            label = f"{EXCLUDE_LB_LABEL}-" if lab.metallb.control_planes_announce else f"{EXCLUDE_LB_LABEL}="
+            kubectl_retrying(ctx, host, "label", "--overwrite", "node", node, label,
+                             what=f"setting {node}'s {EXCLUDE_LB_LABEL} label for metallb.controlPlanesAnnounce="
+                                  f"{str(lab.metallb.control_planes_announce).lower()}",
+                             deadline_s=lab.timeouts.rollout)
+        if announce_labels_wrong(kubeconfig, lab):
+            raise LabError(f"control planes still have the wrong {EXCLUDE_LB_LABEL} label after labelling: "
+                           f"{announce_labels_wrong(kubeconfig, lab)}", hint="`kubectl get nodes --show-labels`")

@@ -463,3 +463,34 @@ def test_a_busy_api_server_is_retried_but_a_rejected_object_is_not():
     invalid = ('The IPAddressPool "lab-pool" is invalid: spec.addresses[0]: Invalid value: "10.0.0.300": '
                'invalid CIDR')
     assert not busy(SimpleNamespace(stdout="", stderr=invalid))
+
+
+def test_control_plane_announce_label_matches_the_spec(monkeypatch):
+    """metallb.controlPlanesAnnounce: a control plane with kubeadm's exclusion label is wrong when it should
+    announce, and one without it is wrong when it should not."""
+    import types
+
+    import kubernetes.client
+
+    from lab.phases import metallb as phase
+    from lab.spec import Lab
+
+    labels = {"cp1": {phase.EXCLUDE_LB_LABEL: ""}, "w1": {}}
+
+    class Core:
+        def __init__(self, api):
+            pass
+
+        def read_node(self, name, _request_timeout=None):
+            return types.SimpleNamespace(metadata=types.SimpleNamespace(labels=labels[name]))
+
+    monkeypatch.setattr(phase, "api_client", lambda kubeconfig: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", Core)
+    doc = {"name": "t", "nodes": [{"name": "cp1", "role": "control-plane"}, {"name": "w1", "role": "worker"}]}
+    assert phase.announce_labels_wrong("kc", Lab.model_validate(doc)) == []
+    announcing = Lab.model_validate({**doc, "metallb": {"controlPlanesAnnounce": True}})
+    assert announcing.metallb.control_planes_announce is True
+    assert phase.announce_labels_wrong("kc", announcing) == ["cp1"]
+    labels["cp1"] = {}
+    assert phase.announce_labels_wrong("kc", announcing) == []
+    assert phase.announce_labels_wrong("kc", Lab.model_validate(doc)) == ["cp1"]
