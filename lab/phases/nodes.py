@@ -6,7 +6,6 @@ from lab.layout import base_volumes, bundle_volume, console_log_path, node_volum
 from lab.bundle.recipe import current_recipe_hash
 from lab.phase import Context, Phase, run_on_nodes
 from lab.spec import NodeSpec
-from lab.virt.accel import weight_emulated_worker
 from lab.virt.xml import domain_xml
 
 
@@ -38,10 +37,6 @@ class Nodes(Phase):
             return f"{name} running"
         dom = ctx.hv.domain(name) or ctx.hv.define_domain(self._xml(ctx, node))
         ctx.hv.start(dom)
-        if ctx.virt_type == "qemu" and node.role == "worker":
-            problem = weight_emulated_worker(ctx.lab.libvirt.uri, name)
-            if problem:
-                ctx.log.warn(problem)
         return f"{name} started ({ctx.virt_type}, {node.cpus} vCPU, {node.memory} MiB)"
 
     def run(self, ctx: Context) -> None:

@@ -88,27 +88,3 @@ def local_accel(requested: str = "auto", uri: str = "this machine") -> tuple[str
     return decide_accel(requested, local_facts(uri))
 
 
-#: Emulated (TCG) workers' scheduling weight on a local host, as nice of the qemu process's autogroup. The kernel
-#: shares CPU between autogroups (sessions) equally, and libvirt starts each qemu in a session of its own: a 2-vCPU
-#: control plane got one host core, as much as a 1-vCPU worker (measured on the CI cluster: its vCPU threads at 55 %
-#: each, the worker's at 100 %, the API server timing out). Nice 5 (weight 335 against 1024) leaves the worker about
-#: a quarter when both want the host's CPU; nice 10 starved it (its pods' 1 s liveness probes failed in a loop).
-TCG_WORKER_AUTOGROUP_NICE = 5
-QEMU_PID_DIR = "/run/libvirt/qemu"  # qemu:///system's pid files, <domain>.pid
-
-
-def weight_emulated_worker(uri: str, domain: str, *, pid_dir: str = QEMU_PID_DIR,
-                           proc: str = "/proc") -> str | None:
-    """Lower a local TCG worker's qemu below the control plane's (autogroup nice). The cgroup ``<shares>`` in the
-    domain XML does the same where libvirt manages cgroups; this also works where it cannot ("cgroup CPU controller
-    is not mounted"). Returns why it could not, for a warning; never fails the lab."""
-    if urlsplit(uri).scheme.partition("+")[0] != "qemu":
-        return None  # libvirt's test driver runs no qemu
-    if not is_local_uri(uri):
-        return f"{uri} is not local: the worker's CPU weight is left to its host"
-    try:
-        pid = Path(pid_dir, f"{domain}.pid").read_text().strip()
-        Path(proc, pid, "autogroup").write_text(f"{TCG_WORKER_AUTOGROUP_NICE}\n")
-    except OSError as exc:
-        return f"cannot lower {domain}'s CPU weight ({exc}); the control plane may be starved under TCG"
-    return None

@@ -30,6 +30,12 @@ OWNER = f"{{{NS}}}owner"
 TCG_CPU_MODEL = "Nehalem"
 #: cgroup cpu shares of an emulated control plane (workers keep libvirt's default, 1024).
 TCG_CONTROL_PLANE_SHARES = 4096
+#: Appended to a TCG guest's kernel command line (direct kernel boot). Under TCG the kernel's clocksource watchdog
+#: finds the TSC "unstable" during boot (emulation jitter against jiffies) and falls back to acpi_pm: every clock
+#: read is then a port I/O emulated by qemu under its big lock, with no vDSO, and Go programs read the clock all the
+#: time (measured on the CI cluster: acpi_pm on both nodes). TCG's TSC follows the host's clock, so trusting it is
+#: safe; KVM guests keep kvm-clock.
+TCG_KERNEL_ARGS = "clocksource=tsc tsc=reliable"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
@@ -206,6 +212,8 @@ def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed
         _sub(os_, "kernel", str(kernel))
         if initrd:
             _sub(os_, "initrd", str(initrd))
+        if virt_type == "qemu" and cmdline and "clocksource=" not in cmdline:
+            cmdline = f"{cmdline} {TCG_KERNEL_ARGS}"
         if cmdline:
             _sub(os_, "cmdline", cmdline)
     else:
