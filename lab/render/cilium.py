@@ -101,6 +101,10 @@ EMULATED_VALUES: dict[str, Any] = {
     # ("Failed to compile bpf_alignchecker.o: signal: killed"). That is why the TCG worker is not niced and TCG
     # guests use the TSC clocksource (lab/virt/xml.py): the compile must fit in 300 s of a guest vCPU.
     "startupProbe": {"failureThreshold": 900},
+    # The agent's pod (and clang, its child) weighs more than the static pods in the node's cgroups: on the CI
+    # cluster's busy control plane clang got 4 % of the CPU (API server 42 %, scheduler and controller manager
+    # 21 % each) and missed that deadline. 500m fits the 1-vCPU worker's allocatable with room for probe pods.
+    "resources": {"requests": {"cpu": "500m"}},
     "operator": {"extraArgs": ["--leader-election-lease-duration=60s", "--leader-election-renew-deadline=40s",
                                "--leader-election-retry-period=8s"]},
     "livenessProbe": {"failureThreshold": 30},

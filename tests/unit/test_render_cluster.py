@@ -322,6 +322,8 @@ def test_emulated_labs_give_cilium_leases_and_liveness_fit_for_tcg():
     assert values["livenessProbe"] == {"failureThreshold": 30}
     assert "--hive-start-timeout=30m" in values["extraArgs"]  # clang was killed at the 5 m default in TCG
     assert values["startupProbe"]["failureThreshold"] * 2 >= 1800  # the probe allows as long as the hive
+    assert values["resources"] == {"requests": {"cpu": "500m"}}  # clang outweighs the static pods (300 s bound)
+    assert "resources" not in cilium_values(default_lab())
     assert "livenessProbe" not in cilium_values(default_lab())
 
 
