@@ -149,7 +149,7 @@ class CiliumBarrier:
         left = max(1, int(seconds - (self.clock() - start)))
         for node, pod in sorted(self.agents.items()):
             _run(self.session, node, pod, ["cilium-dbg", "policy", "wait", str(now[node]),
-                                           "--max-wait-time", f"{left}s"], timeout=left + 30)
+                                           "--max-wait-time", str(left)], timeout=left + 30)  # whole seconds
         return BarrierResult(True, f"{len(want)} agent(s) at policy revision {now} (>= mark + {changes}), "
                                    "endpoints realized it")
 

@@ -292,7 +292,9 @@ class Session:
         if host_network:
             spec.update(hostNetwork=True, hostPID=True, dnsPolicy="ClusterFirstWithHostNet",
                         tolerations=[{"operator": "Exists"}])
-            container["securityContext"] = {"privileged": True}  # its namespace is labelled privileged
+            # Root, said explicitly: a privileged container running as the image's user (the bundle's probe image
+            # is uid 65534) has no capabilities, and `chroot /host` failed with "Operation not permitted".
+            container["securityContext"] = {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
             container["volumeMounts"].append({"name": "host", "mountPath": "/host", "readOnly": True})
             spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
             if tcp or udp or http:

@@ -20,8 +20,7 @@ from lab.sysctl import parse_values, read_command
 def tuning_pods(session, kube):
     """One ordinary (not hostNetwork) probe pod pinned to each node: node -> pod name, in a namespace of ours."""
     nodes = sorted(k8s.node_addresses(kube))
-    ns = session.namespace("podtune")
-    session.probe_configmap(ns)
+    ns = session.namespace("podtune")  # with its netprobe ConfigMap (a second create was a 409 on the real cluster)
     pods = session.pods_per_node(ns, "podtune", nodes)
     return ns, {node: name for node, (name, _ip) in pods.items()}
 

@@ -73,3 +73,4 @@ def test_link_state_is_set_on_the_interface_with_that_mac_only():
 def test_link_of_a_mac_the_domain_lacks_is_not_measured():
     with pytest.raises(NotMeasured, match="no interface with MAC 52:54:00:cc:cc:cc"):
         set_link(RecordingDomain(DOMAIN_XML), "52:54:00:cc:cc:cc", "down")
+

@@ -178,7 +178,9 @@ def test_d3_barrier_waits_for_every_agent_revision():
     assert mark == {"w1": 5, "w2": 9}
     result = barrier.wait(mark, 2, 30)
     assert result.passed and "'w1': 7" in result.text and "'w2': 11" in result.text
-    assert ("cilium-w1", ["cilium-dbg", "policy", "wait", "7", "--max-wait-time", "29s"]) in agents.calls
+    # whole seconds: cilium-dbg's flag is an IntVar (cilium-dbg/cmd/policy_wait.go); "29s" was refused by the real
+    # agent ('invalid argument "40s" for "--max-wait-time" flag') on the CI cluster
+    assert ("cilium-w1", ["cilium-dbg", "policy", "wait", "7", "--max-wait-time", "29"]) in agents.calls
 
 
 def test_d3_barrier_stuck_agent_is_an_error_not_a_verdict():
