@@ -32,8 +32,8 @@ def usage_problem(method: str, lab) -> str | None:
 
 
 def taint_node(kube, node: str, key: str) -> Callable[[], None]:
-    def plain(t):
-        return {"key": t.key, "value": t.value, "effect": t.effect}
+    def plain(t):  # as read, without the None fields (a control plane's taint has no value)
+        return {k: v for k, v in (("key", t.key), ("value", t.value), ("effect", t.effect)) if v is not None}
 
     taints = [plain(t) for t in (kube.core.read_node(node).spec.taints or [])]
     kube.core.patch_node(node, {"spec": {"taints": taints + [{"key": key, "value": "true", "effect": "NoExecute"}]}})

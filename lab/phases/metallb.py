@@ -133,6 +133,7 @@ class Metallb(Phase):
                              what=f"setting {node}'s {EXCLUDE_LB_LABEL} label for metallb.controlPlanesAnnounce="
                                   f"{str(lab.metallb.control_planes_announce).lower()}",
                              deadline_s=lab.timeouts.rollout)
-        if announce_labels_wrong(kubeconfig, lab):
+        still_wrong = announce_labels_wrong(kubeconfig, lab)
+        if still_wrong:
             raise LabError(f"control planes still have the wrong {EXCLUDE_LB_LABEL} label after labelling: "
-                           f"{announce_labels_wrong(kubeconfig, lab)}", hint="`kubectl get nodes --show-labels`")
+                           f"{still_wrong}", hint="`kubectl get nodes --show-labels`")

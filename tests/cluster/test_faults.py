@@ -91,14 +91,11 @@ def test_small_bpf_ct_map_fails_the_conntrack_check(cluster, cluster_state, tmp_
 
 
 def pool_addresses(lab) -> list[str]:
-    import ipaddress
+    from lab.spec import pool_ranges
     out = []
     for entry in lab.metallb.addresses:
-        if "-" in entry:
-            first, last = (ipaddress.ip_address(x.strip()) for x in entry.split("-"))
-            out += [str(ipaddress.ip_address(i)) for i in range(int(first), int(last) + 1)]
-        else:
-            out += [str(a) for a in ipaddress.ip_network(entry, strict=False)]
+        first, last = pool_ranges(entry)
+        out += [str(first + i) for i in range(int(last) - int(first) + 1)]
     return out
 
 
