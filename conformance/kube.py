@@ -11,11 +11,13 @@ import json
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, TypeVar
 
+import tenacity
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
@@ -108,12 +110,74 @@ def connect(kubeconfig: str | None) -> Kube:
         raise PreflightError(f"kubeconfig {kubeconfig} does not exist",
                              "run `lab up` first, or pass --kubeconfig with an existing file")
     try:
-        api = config.new_client_from_config(config_file=str(kubeconfig))
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        api = RetryingApiClient(configuration=configuration)
     except Exception as exc:  # the loader raises ConfigException, ValueError, yaml errors...
         raise PreflightError(f"kubeconfig {kubeconfig} cannot be used: {exc}",
                              "check the file with `kubectl --kubeconfig FILE config view`") from None
     api.configuration.retries = 1
     return Kube(api)
+
+
+#: Answers of a busy but healthy API server that say "try again": 429 TooManyRequests, 500 as the API server
+#: sends it for "etcdserver: request timed out" (seen on the TCG lab), 502/503 from its proxies, 504 Timeout.
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+#: How long one request keeps being retried on a transient answer; then the answer stands (an ApiException the
+#: check reports as not measured, never as a verdict).
+API_RETRY_SECONDS = 60.0
+
+
+class RetryingApiClient(client.ApiClient):
+    """The kubernetes client's ApiClient, retrying a request whose answer is transient (``TRANSIENT_STATUS``) with
+    backoff for at most ``retry_seconds``, each retry logged with the server's message.
+
+    A create (POST) that timed out in etcd may still have been written: when its retry answers 409 AlreadyExists,
+    the object the first attempt wrote is read back and returned, as if that first attempt had answered."""
+
+    retry_seconds = API_RETRY_SECONDS
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
+        attempts: list[int] = []
+
+        def once():
+            response = super(RetryingApiClient, self).call_api(
+                method, url, header_params=header_params, body=body, post_params=post_params,
+                _request_timeout=_request_timeout)
+            attempts.append(response.status)
+            if response.status == 409 and len(attempts) > 1 and method == "POST" and attempts[-2] in TRANSIENT_STATUS:
+                name = ((body or {}).get("metadata") or {}).get("name") if isinstance(body, dict) else None
+                if name:
+                    log.warning("%s %s: the retried create found %s already written; reading it back", method,
+                                url.split("?", 1)[0], name)
+                    return super(RetryingApiClient, self).call_api(
+                        "GET", url.split("?", 1)[0].rstrip("/") + "/" + name, header_params=header_params,
+                        _request_timeout=_request_timeout)
+            return response
+
+        def transient(response) -> bool:
+            return getattr(response, "status", 200) in TRANSIENT_STATUS
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            response = state.outcome.result()
+            log.warning("%s %s answered %s (%s); retrying, attempt %d", method, url.split("?", 1)[0],
+                        response.status, _response_message(response), state.attempt_number + 1)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(transient), stop=tenacity.stop_after_delay(self.retry_seconds),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=8) + tenacity.wait_random(0, 0.5),
+            before_sleep=before_sleep, retry_error_callback=lambda state: state.outcome.result(),
+            sleep=time.sleep)
+        return retrying(once)
+
+
+def _response_message(response) -> str:
+    """The Status message of a raw response, read once (RESTResponse.read() keeps the bytes for the caller)."""
+    try:
+        data = json.loads(response.read() or b"{}")
+    except ValueError:
+        return response.reason or ""
+    return (data.get("message") if isinstance(data, dict) else None) or response.reason or ""
 
 
 def preflight(kube: Kube, timeout: float = 10.0) -> str:

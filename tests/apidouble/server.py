@@ -94,6 +94,7 @@ class ApiDouble:
         self.hooks: dict[tuple[str, str], list] = {}           # (verb, plural) -> [fn(double, obj)]
         self.exec_handler = lambda ns, pod, container, command: (1, b"", b"no exec handler in the test\n")
         self.requests: list[tuple[str, str]] = []              # (method, path) log, for assertions
+        self.faults: list[dict] = []                           # scripted transient answers, see fail()
         self.lock = threading.RLock()
         self._rv = itertools.count(1)
         self.server: ThreadingHTTPServer | None = None
@@ -176,6 +177,13 @@ class ApiDouble:
     def deny(self, verb: str, plural: str) -> None:
         self.denied.add((verb, plural))
 
+    def fail(self, method: str, plural: str, times: int, code: int = 500,
+             message: str = "etcdserver: request timed out", written: bool = False) -> None:
+        """Answer the next ``times`` ``method`` requests on ``plural`` with ``code``; ``written`` performs the
+        request first, as an API server whose etcd write landed after its client-side timeout."""
+        self.faults.append({"method": method, "plural": plural, "times": times, "code": code, "message": message,
+                            "written": written})
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -246,7 +254,26 @@ class _Handler(BaseHTTPRequestHandler):
         if sub == "exec":
             return self._exec(ns, name, query)
         handler = getattr(self, f"_{verb}")
+        fault = self._fault(method, plural)
+        if fault is not None:
+            if fault["written"]:
+                self._send = lambda code, body: None  # perform the request, drop its answer
+                handler(group, plural, ns or "", name, query)
+                del self._send
+            elif method in ("POST", "PUT", "PATCH"):
+                self._body()  # read it: the connection is kept alive
+            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                      504: "Timeout"}.get(fault["code"], "InternalError")
+            return self._send(fault["code"], status(fault["code"], reason, fault["message"]))
         return handler(group, plural, ns or "", name, query)
+
+    def _fault(self, method: str, plural: str) -> dict | None:
+        with self.api.lock:
+            for fault in self.api.faults:
+                if fault["method"] == method and fault["plural"] == plural and fault["times"] > 0:
+                    fault["times"] -= 1
+                    return fault
+        return None
 
     # ---- verbs
 
