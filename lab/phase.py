@@ -129,6 +129,9 @@ def run_on_nodes(names: list[str], work: Callable[[str], None], cancel: threadin
 
 class Phase:
     name = "phase"
+    #: True for a phase that runs on every `up` because it only checks (preflight, the cluster's readiness) or
+    #: resolves what is already cached (image); it creates nothing, so a second `up` running it is still a no-op.
+    every_up = False
 
     def skip_reason(self, ctx: Context) -> str | None:
         return None

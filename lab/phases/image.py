@@ -7,6 +7,7 @@ from lab.phase import Context, Phase
 
 class Image(Phase):
     name = "image"
+    every_up = True  # resolves the cached image; downloads only into the cache, never into the lab
 
     def run(self, ctx: Context) -> None:
         ctx.image = resolve_image(ctx.lab.image)

@@ -404,6 +404,7 @@ def format_problems(lab_name: str, problems: list[Problem]) -> str:
 
 class Preflight(Phase):
     name = "preflight"
+    every_up = True
 
     def run(self, ctx: Context) -> None:
         problems = check_host(ctx)

@@ -48,6 +48,7 @@ def cluster_problems(ctx: "Context", kubeconfig: str) -> list[str]:
 
 class Ready(Phase):
     name = "ready"
+    every_up = True
 
     def skip_reason(self, ctx: "Context") -> str | None:
         return skip_without_kubernetes(ctx)

@@ -13,6 +13,8 @@ import pytest
 from clusterlab import RESULTS, ROOT, SPEC, kubectl, kubectl_json
 from labrun import lab_cli, phases_of
 
+from lab.pipeline import UP
+
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 K8S_PHASES = ("runtime", "kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig")
@@ -86,11 +88,21 @@ def test_status_shows_the_cluster(cluster, cluster_lab, cluster_state):
     assert cluster["metallb"]["speaker"]["ready"], cluster
 
 
-def test_second_up_changes_nothing(cluster, cluster_lab, cluster_state):
+def test_second_up_changes_nothing(cluster, cluster_lab, cluster_state, bundle, kubeconfig):
+    def pod_uids() -> dict[str, str]:
+        pods = kubectl_json(bundle[0], kubeconfig, "get", "pods", "-A")["items"]
+        return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["metadata"]["uid"] for p in pods
+                if p["metadata"]["namespace"] in ("kube-system", "metallb-system")}
+
+    uids_before = pod_uids()
     started = time.monotonic()
     proc = lab_cli(cluster_state, "up", "-c", str(SPEC), timeout=3600)
     assert proc.returncode == 0, proc.stderr
     print(f"no-op up: {time.monotonic() - started:.1f}s")
     phases = phases_of(cluster_state, cluster_lab)
-    ran = [name for name, p in phases.items() if not name.startswith("_") and p["status"] not in ("unchanged",)]
+    checks = {p.name for p in UP if p.every_up}  # preflight, image, ready: they only check, on every up
+    ran = [name for name, p in phases.items() if not name.startswith("_") and p["status"] != "unchanged"
+           and name not in checks]
     assert not ran, f"a second up ran {ran}:\n{proc.stderr[-3000:]}"
+    assert {name for name in checks if phases[name]["status"] != "done"} == set(), phases
+    assert uids_before == pod_uids(), "a second up replaced kube-system or metallb-system pods"
