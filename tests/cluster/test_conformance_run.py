@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from clusterlab import RESULTS, ROOT, SPEC
+from clusterlab import RESULTS, ROOT, SPEC, TCG_CONNTRACK_ARGS
 from labrun import in_netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -61,10 +61,7 @@ def check_times(junit_paths) -> dict[str, dict]:
 def test_conformance_passes_on_the_healthy_cluster(cluster, cluster_state):
     results = RESULTS / "conformance-healthy"
     with second_runner_address() as outside_ip:
-        # 2,000 connections per conntrack path: the default (a quarter of nf_conntrack_max, up to 20,000) did not
-        # finish opening within its 140 s in the TCG VMs; capacity is still judged against the declared peak.
-        proc, wall = run_make_conformance(cluster_state, results, "--outside-ip", outside_ip,
-                                          "--conntrack-connections", "2000")
+        proc, wall = run_make_conformance(cluster_state, results, "--outside-ip", outside_ip, *TCG_CONNTRACK_ARGS)
     times = check_times([ROOT / "results/junit.xml", ROOT / "results/junit-disruptive.xml"])
     (RESULTS / "cluster-conformance.json").write_text(json.dumps({"wall_seconds": round(wall, 1),
                                                                   "checks": times}, indent=2))

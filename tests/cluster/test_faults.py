@@ -1,13 +1,14 @@
 """Each fault brought into the real CI cluster at its own layer is caught by exactly the check that should catch
 it, with a message that names it; the other checks of the same concern stay green; health is restored after.
-(issue 11: faults at their real layer). Runs after the healthy conformance run on the same cluster."""
+(issue 11: faults at their real layer). Runs after the healthy conformance run on the same cluster, cheapest fault
+first: the two that redeploy Cilium (and so recompile its datapath on every node) come last."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from clusterlab import RESULTS
+from clusterlab import RESULTS, TCG_CONNTRACK_ARGS
 from faults import (cilium_values_override, kube_proxy_installed, network_policies_deleted, run_checks,
                     second_arp_responder, sysctl_reverted)
 
@@ -56,40 +57,6 @@ def test_kube_proxy_beside_kpr_fails_the_kpr_checks(cluster, cluster_state, clus
     assert rc == 0, tail
 
 
-def test_deleted_default_deny_names_the_leaking_cells(cluster, cluster_state, bundle, kubeconfig):
-    with network_policies_deleted(bundle[0], kubeconfig, "cf-") as deleted:
-        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-policy", "conformance/test_default_deny.py::"
-                                        "test_step2_default_deny_blocks_everything_in_and_out")
-    assert deleted, "the fault never saw a NetworkPolicy to delete"
-    outcome, message = outcome_of(outcomes, "test_step2")
-    assert rc == 1 and outcome == "failure", tail
-    assert "->" in message and ("leak" in message.lower() or "CONNECTED" in message or "connected" in message), \
-        message
-
-
-def test_pod_mtu_too_large_for_the_underlay_fails_the_mtu_checks(cluster, cluster_state, tmp_path):
-    """The 'Geneve 1460' mistake: pods get a 1460 route MTU on a 1500 underlay (Cilium's MTU value 1510)."""
-    with cilium_values_override(cluster_state, tmp_path, {"MTU": 1510}):
-        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-mtu", "conformance/test_mtu.py")
-    assert rc == 1, tail
-    outcome, message = outcome_of(outcomes, "test_pod_route_mtu")
-    assert outcome == "failure" and "1460" in message, message
-    assert outcome_of(outcomes, "test_node_underlay_mtu")[0] == "passed"
-
-
-def test_small_bpf_ct_map_fails_the_conntrack_check(cluster, cluster_state, tmp_path):
-    """Cilium's BPF CT map sized far below the declared peak (as when its sizes are left to Cilium's memory-based
-    default on a small node): the conntrack check fails and names the node, the table and its size."""
-    small = {"bpf": {"ctTcpMax": 16384, "ctAnyMax": 8192}}
-    with cilium_values_override(cluster_state, tmp_path, small):
-        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-bpf-ct", "conformance/test_conntrack.py",
-                                        "-k", "clusterip")
-    assert rc == 1, tail
-    outcome, message = outcome_of(outcomes, "test_connections_held_without_loss[clusterip]")
-    assert outcome == "failure", message
-    assert "bpf-ct holds 16384 entries" in message and "headroom" in message, message
-
-
 def pool_addresses(lab) -> list[str]:
     from lab.spec import pool_ranges
     out = []
@@ -114,6 +81,17 @@ def test_second_arp_responder_for_the_vip_is_caught(cluster, cluster_state, clus
     assert rc == 0, tail
 
 
+def test_deleted_default_deny_names_the_leaking_cells(cluster, cluster_state, bundle, kubeconfig):
+    with network_policies_deleted(bundle[0], kubeconfig, "cf-") as deleted:
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-policy", "conformance/test_default_deny.py::"
+                                        "test_step2_default_deny_blocks_everything_in_and_out")
+    assert deleted, "the fault never saw a NetworkPolicy to delete"
+    outcome, message = outcome_of(outcomes, "test_step2")
+    assert rc == 1 and outcome == "failure", tail
+    assert "->" in message and ("leak" in message.lower() or "CONNECTED" in message or "connected" in message), \
+        message
+
+
 @pytest.mark.parametrize("method", ["suspend", "link-down"])
 def test_announcer_lost_fails_over_within_the_bound(method, cluster, cluster_state):
     """The announcing node taken away at the hypervisor -- its VM suspended, its NIC unplugged through libvirt (the
@@ -129,3 +107,28 @@ def test_announcer_lost_fails_over_within_the_bound(method, cluster, cluster_sta
     [check] = [c for c in report["checks"] if c["id"].endswith("test_failover_to_another_node")]
     print(f"failover by {method}: {json.dumps(check.get('measured'), sort_keys=True)}")
     assert check["measured"]["failover_within_bound"] is True and check["measured"]["failover_by"] == method
+
+
+
+def test_pod_mtu_too_large_for_the_underlay_fails_the_mtu_checks(cluster, cluster_state, tmp_path):
+    """The 'Geneve 1460' mistake: pods get a 1460 route MTU on a 1500 underlay (Cilium's MTU value 1510)."""
+    with cilium_values_override(cluster_state, tmp_path, {"MTU": 1510}):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-mtu", "conformance/test_mtu.py",
+                                        "-k", "pod_route_mtu or underlay")
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_pod_route_mtu")
+    assert outcome == "failure" and "1460" in message, message
+    assert outcome_of(outcomes, "test_node_underlay_mtu")[0] == "passed"
+
+
+def test_small_bpf_ct_map_fails_the_conntrack_check(cluster, cluster_state, tmp_path):
+    """Cilium's BPF CT map sized far below the declared peak (as when its sizes are left to Cilium's memory-based
+    default on a small node): the conntrack check fails and names the node, the table and its size."""
+    small = {"bpf": {"ctTcpMax": 16384, "ctAnyMax": 8192}}
+    with cilium_values_override(cluster_state, tmp_path, small):
+        rc, outcomes, tail = run_checks(cluster_state, RESULTS / "fault-bpf-ct", "conformance/test_conntrack.py",
+                                        "-k", "clusterip", *TCG_CONNTRACK_ARGS)
+    assert rc == 1, tail
+    outcome, message = outcome_of(outcomes, "test_connections_held_without_loss[clusterip]")
+    assert outcome == "failure", message
+    assert "bpf-ct holds 16384 entries" in message and "headroom" in message, message
