@@ -15,7 +15,7 @@ from labrun import lab_cli, phases_of
 
 from lab.pipeline import UP
 
-pytestmark = [pytest.mark.e2e, pytest.mark.root]
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.smoke]
 
 K8S_PHASES = ("runtime", "kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig")
 
