@@ -35,7 +35,7 @@ help:
 	@echo "make image         build the offline Debian test image into the cache"
 	@echo "make bundle        build the offline Kubernetes/Cilium/MetalLB bundle (FROM=release to fetch)"
 	@echo "make test-cluster  the real-cluster tier: lab up from the bundle in TCG VMs + conformance against it"
-	@echo "make test-cluster-smoke  the part of that tier CI runs under TCG: lab up, cluster checks, a conformance subset"
+	@echo "make test-cluster-smoke  its smoke run: lab up, cluster checks, the conformance checks that identify the cluster"
 	@echo "make test-cluster-faults  the same, then faults injected into that cluster at their own layer"
 	@echo "make deps          system packages and the virtualenv"
 
@@ -98,8 +98,8 @@ test-cluster: sysdeps-test venv image bundle
 	bash scripts/libvirtd-netns.sh start
 	bash scripts/run-tests.sh --cluster -m 'not faults and not subset' $(PYTEST_ARGS)
 
-# What of that tier fits CI beside `make test` under TCG on 2 cores: the same `lab up` and cluster checks, a second
-# no-op up, and `make conformance` narrowed to the checks that identify the cluster (tests/cluster, marker smoke).
+# Its smoke run (`.ci/run` with KVMLAB_CLUSTER_TIER=smoke): the same `lab up` and cluster checks, a second no-op up,
+# and `make conformance` narrowed to the checks that identify the cluster (tests/cluster, marker smoke).
 test-cluster-smoke: sysdeps-test venv image bundle
 	bash scripts/libvirtd-netns.sh start
 	bash scripts/run-tests.sh --cluster -m 'smoke and not faults' $(PYTEST_ARGS)

@@ -84,8 +84,8 @@ def test_conformance_passes_on_the_healthy_cluster(cluster, cluster_state):
 
 #: The smoke run's checks: the cluster's identity (node tuning, kube-proxy replacement, Cilium's datapath modes,
 #: Hubble relay, cilium-health), a LoadBalancer address from the pool answering HTTP from the runner with exactly
-#: one announcer, and the pod MTU. Chosen by what they cost under TCG (docs/bootstrap.md has the per-check times):
-#: no truth table, no load, no failover. `make test-cluster` runs the whole suite.
+#: one announcer, and the pod MTU. Left out as the costly ones under TCG: the truth table, load, the MTU paths,
+#: outside-in and failover. `make test-cluster` runs the whole suite.
 SMOKE_CHECKS = (
     "test_node_sysctls_match_expected",
     "test_no_kube_proxy_daemonset", "test_no_kube_proxy_process_or_rules",
@@ -100,7 +100,7 @@ SMOKE_CHECKS = (
 @pytest.mark.smoke
 @pytest.mark.subset
 def test_conformance_smoke_on_the_healthy_cluster(cluster, cluster_state):
-    """What fits CI under TCG beside `make test`: `make conformance` narrowed with -k to SMOKE_CHECKS, each of which
+    """The smoke run (`make test-cluster-smoke`): `make conformance` narrowed with -k to SMOKE_CHECKS, each of which
     must run and pass (a renamed check fails here instead of silently dropping out)."""
     results = RESULTS / "conformance-smoke"
     proc, wall = run_make_conformance(cluster_state, results, "-k", " or ".join(SMOKE_CHECKS))
