@@ -139,6 +139,7 @@ class RetryingApiClient(client.ApiClient):
 
     def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
         attempts: list[int] = []
+        path = url.split("?", 1)[0]
 
         def once():
             response = super(RetryingApiClient, self).call_api(
@@ -149,9 +150,9 @@ class RetryingApiClient(client.ApiClient):
                 name = ((body or {}).get("metadata") or {}).get("name") if isinstance(body, dict) else None
                 if name:
                     log.warning("%s %s: the retried create found %s already written; reading it back", method,
-                                url.split("?", 1)[0], name)
+                                path, name)
                     return super(RetryingApiClient, self).call_api(
-                        "GET", url.split("?", 1)[0].rstrip("/") + "/" + name, header_params=header_params,
+                        "GET", path.rstrip("/") + "/" + name, header_params=header_params,
                         _request_timeout=_request_timeout)
             return response
 
@@ -160,7 +161,7 @@ class RetryingApiClient(client.ApiClient):
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             response = state.outcome.result()
-            log.warning("%s %s answered %s (%s); retrying, attempt %d", method, url.split("?", 1)[0],
+            log.warning("%s %s answered %s (%s); retrying, attempt %d", method, path,
                         response.status, _response_message(response), state.attempt_number + 1)
 
         retrying = tenacity.Retrying(
