@@ -37,6 +37,11 @@ class Nodes(Phase):
             return f"{name} running"
         dom = ctx.hv.domain(name) or ctx.hv.define_domain(self._xml(ctx, node))
         ctx.hv.start(dom)
+        why = ctx.hv.unapplied_cpu_shares(dom)
+        if why:
+            ctx.log.warn(f"{name}: {why}. Without them the control plane gets no host CPU priority over the "
+                         "workers' vCPU threads (they matter under TCG on a host with fewer cores than the lab's "
+                         "vCPUs); give libvirtd a cgroup CPU controller to enforce them")
         return f"{name} started ({ctx.virt_type}, {node.cpus} vCPU, {node.memory} MiB)"
 
     def run(self, ctx: Context) -> None:

@@ -33,6 +33,15 @@ K8S_SOURCES = "/etc/apt/sources.list.d/kubernetes.list"
 K8S_PACKAGES = ("kubelet", "kubeadm", "kubectl")
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -q -y"
 
+#: Emulated (TCG) Kubernetes nodes: the CPU weight of systemd's system.slice (kubelet, containerd and its shims),
+#: against kubepods.slice's 79 on a 2-vCPU node. At systemd's default 100 the CI cluster's control plane gave
+#: system.slice about half its CPU while the API server's own loopback clients timed out in their TLS handshakes
+#: (it exits when a post-start hook times out, then every client re-lists: a restart loop) and the Cilium agent's
+#: clang got 18 % of a vCPU, too little for the loader's fixed 300 s compile deadline. Set to 25 on the live node,
+#: the next minute's split went from about even to kubepods 96 s, system.slice 30 s. The kubelet still gets its
+#: share whenever it asks; it only stops winning against the pods it runs.
+EMULATED_SYSTEM_SLICE_CPU_WEIGHT = 25
+
 _SYSTEMD_CGROUP = re.compile(r"^(\s*)SystemdCgroup\s*=\s*(true|false)\s*$", re.M)
 # containerd 1.x (config version 2): sandbox_image = "..."; containerd 2.x (version 3): sandbox = '...'
 _SANDBOX = re.compile(r"""^(\s*)(sandbox_image|sandbox)\s*=\s*(["'])[^"']*\3\s*$""", re.M)
@@ -82,6 +91,21 @@ def containerd_settings(dump_text: str) -> dict[str, object]:
     return found
 
 
+def system_slice_weight_problem(show_output: str, want: int = EMULATED_SYSTEM_SLICE_CPU_WEIGHT) -> str | None:
+    """What is wrong with ``systemctl show system.slice -p CPUWeight`` (None when it is ``want``)."""
+    found = re.search(r"^CPUWeight=(.*?)\s*$", show_output, re.M)
+    if not found:
+        return f"cannot read system.slice's CPUWeight from {show_output.strip()!r}"
+    if found.group(1) != str(want):
+        return f"system.slice CPUWeight is {found.group(1) or 'unset'}, want {want} on an emulated (TCG) node"
+    return None
+
+
+def emulated(lab: "Lab | None") -> bool:
+    """A Kubernetes lab whose nodes run under TCG."""
+    return lab is not None and lab.kubernetes.enabled and lab.libvirt.accel == "tcg"
+
+
 def fstab_without_swap(fstab: str) -> str:
     """/etc/fstab with every active swap entry commented out."""
     out = []
@@ -100,7 +124,8 @@ def verify_runtime(host: "Host", lab: "Lab | None" = None, control_plane: bool =
     """Read the node's actual state back; return every problem (empty list = the runtime is as we want it).
 
     Always: containerd active and answering on its socket, runc present, ``containerd config dump`` shows
-    SystemdCgroup = true and the pinned sandbox image, no active swap and none left in fstab.
+    SystemdCgroup = true and the pinned sandbox image, no active swap and none left in fstab. On an emulated (TCG)
+    Kubernetes node: system.slice at its lowered CPU weight.
     With ``lab`` and kubernetes.enabled: kubeadm/kubelet/kubectl at the spec's minor and held; Helm on the
     control plane at the pinned version.
     """
@@ -131,6 +156,10 @@ def verify_runtime(host: "Host", lab: "Lab | None" = None, control_plane: bool =
     fstab = run("cat", "/etc/fstab").stdout
     if fstab != fstab_without_swap(fstab):
         problems.append("/etc/fstab still has an active swap entry")
+    if emulated(lab):
+        why = system_slice_weight_problem(run("systemctl", "show", "system.slice", "-p", "CPUWeight").stdout)
+        if why:
+            problems.append(why)
     if lab is not None and lab.kubernetes.enabled and lab.kubernetes.source == "bundle":
         from lab.bundle.build import current_bundle
         from lab.phases.sideload import sideload_problems
@@ -188,6 +217,10 @@ class Runtime(Phase):
         def prepare(name: str) -> None:
             host = hosts[name]
             swap_off(host)
+            if emulated(lab):
+                # persistent (a drop-in under /etc/systemd/system.control), applied at once
+                host.run("systemctl", "set-property", "system.slice",
+                         f"CPUWeight={EMULATED_SYSTEM_SLICE_CPU_WEIGHT}", sudo=True)
             ensure_containerd(host, lab)
             configure_containerd(host)
             if bundle is not None:

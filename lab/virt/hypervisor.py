@@ -363,6 +363,23 @@ class Hypervisor:
             dom.create()
         return True
 
+    def unapplied_cpu_shares(self, dom: libvirt.virDomain) -> str | None:
+        """Why the CPU shares in the domain's ``<cputune>`` are not in force (None when they are, or none are set).
+        libvirt keeps them in the XML without saying so when it has no cgroup CPU controller to write them to
+        (seen: libvirtd without systemd on a hybrid cgroup host, "cgroup CPU controller is not mounted")."""
+        found = ET.fromstring(dom.XMLDesc(0)).find("cputune/shares")
+        if found is None or not (found.text or "").strip().isdigit():
+            return None
+        want = int(found.text.strip())
+        try:
+            params = dom.schedulerParameters()
+        except libvirt.libvirtError as exc:
+            return f"libvirt cannot apply cpu shares {want}: {exc.get_error_message()}"
+        have = params.get("cpu_shares")
+        if have != want:
+            return f"libvirt reports cpu_shares {have!r} (parameters {sorted(params)}), want {want}"
+        return None
+
     def domain_state(self, name: str) -> str | None:
         dom = self.domain(name)
         if dom is None:

@@ -28,7 +28,9 @@ OWNER = f"{{{NS}}}owner"
 #: TCG cannot pass the host CPU through; Nehalem is x86-64-v2 (SSE4.2, POPCNT: RHEL 9 and newer glibc
 #: need it) and qemu 7.2's TCG implements every one of its features (checked with ``-cpu Nehalem,enforce``).
 TCG_CPU_MODEL = "Nehalem"
-#: cgroup cpu shares of an emulated control plane (workers keep libvirt's default, 1024).
+#: cgroup cpu shares of an emulated control plane (workers keep libvirt's default, 1024). libvirt enforces them only
+#: with a cgroup CPU controller of its own; without one it keeps them in the XML silently, and the nodes phase warns
+#: (Hypervisor.unapplied_cpu_shares). The CI host's libvirtd, run without systemd, has none.
 TCG_CONTROL_PLANE_SHARES = 4096
 #: Appended to a TCG guest's kernel command line (direct kernel boot). Under TCG the kernel's clocksource watchdog
 #: finds the TSC "unstable" during boot (emulation jitter against jiffies) and falls back to acpi_pm: every clock

@@ -23,7 +23,7 @@ from lab.phases.kubeconfig import Kubeconfig
 from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
 from lab.phases.ready import Ready
 from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
-                                fstab_without_swap, k8s_repo_line)
+                                fstab_without_swap, k8s_repo_line, system_slice_weight_problem)
 from lab.phase import Context, Log, run_on_nodes
 from lab.pipeline import phase_names, run_phases, up_phases
 from lab.remote.host import CommandResult, LocalHost
@@ -494,3 +494,29 @@ def test_control_plane_announce_label_matches_the_spec(monkeypatch):
     labels["cp1"] = {}
     assert phase.announce_labels_wrong("kc", announcing) == []
     assert phase.announce_labels_wrong("kc", Lab.model_validate(doc)) == ["cp1"]
+
+
+# `systemctl show <slice> -p CPUWeight` as systemd 252 (Debian 12, the lab image) printed it on a CI cluster node:
+# system.slice after the runtime phase, and user.slice, which nothing sets.
+SHOW_SET = "CPUWeight=25\n"
+SHOW_UNSET = "CPUWeight=[not set]\n"
+
+
+def test_system_slice_weight_is_read_back_from_systemctl():
+    assert system_slice_weight_problem(SHOW_SET) is None
+    assert system_slice_weight_problem(SHOW_UNSET) == \
+        "system.slice CPUWeight is [not set], want 25 on an emulated (TCG) node"
+    assert "want 40" in system_slice_weight_problem(SHOW_SET, want=40)
+    assert "cannot read" in system_slice_weight_problem("")
+
+
+def test_only_emulated_kubernetes_nodes_lower_system_slice():
+    from types import SimpleNamespace
+
+    from lab.phases.runtime import emulated
+
+    def lab(accel, enabled=True):
+        return SimpleNamespace(libvirt=SimpleNamespace(accel=accel), kubernetes=SimpleNamespace(enabled=enabled))
+    assert emulated(lab("tcg"))
+    assert not emulated(lab("kvm")) and not emulated(lab("auto")) and not emulated(lab("tcg", enabled=False))
+    assert not emulated(None)

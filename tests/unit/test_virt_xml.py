@@ -229,3 +229,22 @@ def test_disk_cache_mode_applies_to_the_node_disk_only(tmp_path, cache):
                                             console_log="/p/l"), "domain")
     caches = {d.find("target").get("dev"): d.find("driver").get("cache") for d in dom.iter("disk")}
     assert caches == {"vda": None if cache == "default" else cache, "vdb": None}
+
+
+def _test_driver_domain(hv, name: str, cputune: str):
+    return hv.conn.defineXML(f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+                             f"{cputune}<os><type arch='x86_64'>hvm</type></os></domain>")
+
+
+def test_cpu_shares_that_libvirt_does_not_apply_are_reported():
+    """The CI host's libvirtd (no systemd) keeps <shares> in the XML and enforces nothing: `schedulerParameters`
+    fails with "cgroup CPU controller is not mounted". libvirt's test driver has no cpu_shares either (it reports
+    only a 'weight'), so it stands for a libvirtd that cannot apply them."""
+    from lab.virt.hypervisor import Hypervisor
+
+    hv = Hypervisor("test:///default")
+    with_shares = _test_driver_domain(hv, "shares-wanted", "<cputune><shares>4096</shares></cputune>")
+    without = _test_driver_domain(hv, "no-shares", "")
+    assert hv.unapplied_cpu_shares(with_shares) == \
+        "libvirt reports cpu_shares None (parameters ['weight']), want 4096"
+    assert hv.unapplied_cpu_shares(without) is None
