@@ -2,7 +2,10 @@
 collects everything needed to debug a failed run, best-effort, into one folder.
 
 Per node: serial console, domain XML, cloud-init logs, the boot journal, kubelet and containerd journals,
-dmesg. Plus the tool's own phase logs and state record. What could not be collected is listed in INDEX.txt.
+dmesg, sysctls and the processes by CPU time used (who starved whom on an emulated node). With Kubernetes, per
+node the tail of every pod's log, and from the first control plane the pods, nodes and events (kind's
+``export logs`` gives the same). Plus the tool's own phase logs and state record. What could not be collected is
+listed in INDEX.txt.
 """
 from __future__ import annotations
 
@@ -22,6 +25,21 @@ NODE_COMMANDS = {
     "containerd.txt": "sudo -n journalctl -b -u containerd --no-pager",
     "dmesg.txt": "sudo -n dmesg -T",
     "sysctl.txt": "sudo -n sysctl -a",
+    "processes.txt": "ps -eo pid,ppid,etimes,time,pcpu,rss,args --sort=-time",
+}
+
+#: Per node, when the spec bootstraps Kubernetes: the last lines of each container's log (kubelet's own layout).
+POD_LOG_COMMANDS = {
+    "pod-logs.txt": ("sudo -n sh -c 'for f in /var/log/pods/*/*/*.log; do [ -e \"$f\" ] || continue; "
+                     "echo \"=== $f\"; tail -n 200 \"$f\"; done'"),
+}
+
+_KUBECTL = "sudo -n kubectl --kubeconfig /etc/kubernetes/admin.conf --request-timeout=60s"
+#: From the first control plane, when the spec bootstraps Kubernetes: the cluster's view.
+CLUSTER_COMMANDS = {
+    "nodes.txt": f"{_KUBECTL} get nodes -o wide",
+    "pods.txt": f"{_KUBECTL} get pods -A -o wide",
+    "events.txt": f"{_KUBECTL} get events -A --sort-by=.lastTimestamp",
 }
 
 
@@ -35,7 +53,7 @@ def collect_logs(ctx: Context, out: Path) -> Path:
         shutil.copy2(ctx.state.file, out / "state.json")
         index.append("ok      state.json")
     for node in ctx.lab.nodes:
-        index += _collect_node(ctx, node.name, out / node.name)
+        index += _collect_node(ctx, node.name, out / node.name, node_commands(ctx, node.name))
     (out / "INDEX.txt").write_text("\n".join(index) + "\n")
     return out
 
@@ -59,7 +77,17 @@ def save_journals(ctx: Context, node: str) -> None:
         ctx.log.warn(f"could not collect journals from {node}: {exc}")
 
 
-def _collect_node(ctx: Context, node: str, out: Path) -> list[str]:
+def node_commands(ctx: Context, node: str) -> dict[str, str]:
+    """What ``lab logs`` runs on ``node``: NODE_COMMANDS, plus pod logs and (first control plane) the cluster."""
+    commands = dict(NODE_COMMANDS)
+    if ctx.lab.kubernetes.enabled:
+        commands |= POD_LOG_COMMANDS
+        if node == ctx.lab.control_planes[0].name:
+            commands |= CLUSTER_COMMANDS
+    return commands
+
+
+def _collect_node(ctx: Context, node: str, out: Path, commands: dict[str, str]) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     index = []
     console = Path(console_log_path(ctx.lab, node))
@@ -86,7 +114,7 @@ def _collect_node(ctx: Context, node: str, out: Path) -> list[str]:
     except LabError as exc:
         index.append(f"missing {node}/(ssh logs): {exc.message.splitlines()[0]}")
         return index
-    for name, command in NODE_COMMANDS.items():
+    for name, command in commands.items():
         try:
             result = host.run("sh", "-c", command, check=False, timeout=120)
         except LabError as exc:

@@ -520,3 +520,25 @@ def test_only_emulated_kubernetes_nodes_lower_system_slice():
     assert emulated(lab("tcg"))
     assert not emulated(lab("kvm")) and not emulated(lab("auto")) and not emulated(lab("tcg", enabled=False))
     assert not emulated(None)
+
+
+def test_failure_logs_add_the_cluster_view_only_where_it_exists(tmp_path):
+    from lab.logs import CLUSTER_COMMANDS, NODE_COMMANDS, POD_LOG_COMMANDS, node_commands
+
+    cluster = ctx_for(load_lab(REPO / "labs/ci-cluster.yaml"), tmp_path)
+    assert node_commands(cluster, "cp1") == NODE_COMMANDS | POD_LOG_COMMANDS | CLUSTER_COMMANDS
+    assert node_commands(cluster, "w1") == NODE_COMMANDS | POD_LOG_COMMANDS
+    plain = ctx_for(load_lab(REPO / "labs/ci.yaml"), tmp_path)
+    assert not plain.lab.kubernetes.enabled
+    assert node_commands(plain, plain.lab.nodes[0].name) == NODE_COMMANDS
+
+
+def test_process_snapshot_lists_processes_by_cpu_time():
+    import os
+
+    from lab.logs import NODE_COMMANDS
+
+    out = subprocess.run(["sh", "-c", NODE_COMMANDS["processes.txt"]], capture_output=True, text=True, check=True)
+    header, *rows = out.stdout.splitlines()
+    assert header.split()[:5] == ["PID", "PPID", "ELAPSED", "TIME", "%CPU"]
+    assert str(os.getpid()) in {row.split()[0] for row in rows}
