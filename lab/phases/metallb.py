@@ -10,8 +10,9 @@ from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import (API_BUSY, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
                         kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
-from lab.render.metallb import (API, NAMESPACE, emulated_probe_patches, l2_name, metallb_documents,
-                                native_manifest_url, pool_addresses, pool_name, render_metallb)
+from lab.render.metallb import (API, NAMESPACE, WEBHOOK_CONFIGURATION, emulated_probe_patches,
+                                emulated_webhook_timeout_patch, l2_name, metallb_documents, native_manifest_url,
+                                pool_addresses, pool_name, render_metallb)
 from lab.wait import api_starting, matches_any, wait_for
 
 if TYPE_CHECKING:
@@ -118,6 +119,16 @@ class Metallb(Phase):
         for kind, name, patch in emulated_probe_patches(lab):
             kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", kind, name, "--type", "strategic", "-p",
                              json.dumps(patch), what=f"giving MetalLB's {name} probes fit for TCG",
+                             deadline_s=lab.timeouts.rollout)
+        webhooks = kubectl_retrying(
+            ctx, host, "get", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "-o",
+            "jsonpath={.webhooks[*].name}", what=f"reading MetalLB's webhooks ({WEBHOOK_CONFIGURATION})",
+            deadline_s=lab.timeouts.rollout).stdout.split()
+        ops = emulated_webhook_timeout_patch(lab, webhooks)
+        if ops:
+            kubectl_retrying(ctx, host, "patch", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION,
+                             "--type", "json", "-p", json.dumps(ops),
+                             what=f"giving MetalLB's {len(ops)} webhooks the longest timeout for TCG",
                              deadline_s=lab.timeouts.rollout)
         kubeconfig = fetch_kubeconfig(ctx)
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)

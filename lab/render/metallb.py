@@ -67,3 +67,24 @@ def emulated_probe_patches(lab: Lab) -> list[tuple[str, str, dict]]:
     return [(kind, name, {"spec": {"template": {"spec": {"containers": [
         {"name": name, **{k: dict(v) for k, v in EMULATED_PROBES.items()}}]}}}})
         for kind, name in WORKLOADS]
+
+
+#: The name of MetalLB's ValidatingWebhookConfiguration in its native manifest.
+WEBHOOK_CONFIGURATION = "metallb-webhook-configuration"
+#: The API server's longest admission-webhook timeout (admissionregistration/v1 allows 1-30 s; unset means 10).
+MAX_WEBHOOK_TIMEOUT_S = 30
+
+
+def emulated_webhook_timeout_patch(lab: Lab, webhook_names: list[str]) -> list[dict]:
+    """JSON-patch ops giving each of MetalLB's validating webhooks the API server's longest timeout on an emulated
+    (TCG) lab; none otherwise.
+
+    MetalLB's webhooks validate a new object against the existing ones read straight from the API server
+    (controller-runtime's uncached APIReader), so each admission call is a round trip API server -> webhook ->
+    API server. On the TCG CI cluster those reads took longer than the default 10 s: every apply of the
+    L2Advertisement failed with "context deadline exceeded" for the whole 900 s webhook deadline.
+    """
+    if lab.libvirt.accel != "tcg":
+        return []
+    return [{"op": "add", "path": f"/webhooks/{i}/timeoutSeconds", "value": MAX_WEBHOOK_TIMEOUT_S}
+            for i in range(len(webhook_names))]

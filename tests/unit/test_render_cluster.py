@@ -349,3 +349,16 @@ def test_the_bpf_conntrack_and_nat_maps_get_the_labs_conntrack_budget():
     small = lab_with(tuning={"sysctls": {"net.netfilter.nf_conntrack_max": "262144"}})
     assert bpf_map_sizes(small)["ctTcpMax"] == 262144
     assert bpf_map_sizes(lab_with(cilium={"kubeProxyReplacement": False})) == {}
+
+
+def test_emulated_labs_give_metallb_webhooks_the_longest_timeout():
+    """MetalLB's webhooks read the existing objects back from the API server; under TCG that took longer than the
+    default 10 s and the L2Advertisement could not be created for the whole webhook deadline."""
+    from lab.render.metallb import MAX_WEBHOOK_TIMEOUT_S, emulated_webhook_timeout_patch
+
+    names = ["bgppeersvalidationwebhook.metallb.io", "ipaddresspoolvalidationwebhook.metallb.io",
+             "l2advertisementvalidationwebhook.metallb.io"]  # as `kubectl get -o jsonpath={.webhooks[*].name}`
+    ops = emulated_webhook_timeout_patch(lab_with(libvirt={"accel": "tcg"}), names)
+    assert ops == [{"op": "add", "path": f"/webhooks/{i}/timeoutSeconds", "value": 30} for i in range(3)]
+    assert MAX_WEBHOOK_TIMEOUT_S == 30  # admissionregistration/v1's upper bound
+    assert emulated_webhook_timeout_patch(default_lab(), names) == []
