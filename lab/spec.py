@@ -75,6 +75,10 @@ class LibvirtSpec(Model):
     #: under TCG, where every etcd fdatasync took 1.4-1.5 s on the CI cluster and starved the API server.
     disk_cache: Literal["default", "none", "writeback", "writethrough", "directsync", "unsafe"] = Field(
         default="default", alias="diskCache")
+    #: qemu TCG's translation cache per node, in MiB (libvirt ``<features><tcg><tb-cache>``); emulated nodes only,
+    #: ignored under KVM. Unset: lab.virt.xml.TCG_TB_CACHE_MIB. When the cache is full qemu throws away every
+    #: translation and retranslates all hot code (docs/bootstrap.md has the CI cluster's figures).
+    tcg_cache_mib: int | None = Field(default=None, alias="tcgCacheMiB", ge=64, le=65536)
 
 
 class NetworkSpec(Model):

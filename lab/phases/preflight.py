@@ -21,7 +21,7 @@ from typing import Callable
 
 from lab.errors import LabError, VirtError
 from lab.phase import Context, Phase
-from lab.virt.xml import parse_owner
+from lab.virt.xml import parse_owner, tcg_cache_mib
 
 GIB = 1024 ** 3
 
@@ -88,11 +88,16 @@ def meminfo_available_mib(path: str = "/proc/meminfo") -> int:
 def check_memory(ctx: Context, available_mib: Callable[[], int] = meminfo_available_mib,
                  running: set[str] | None = None) -> Problem | None:
     running = set(_existing_domains(ctx)) if running is None else running
-    need = sum(n.memory for n in ctx.lab.nodes if ctx.lab.domain_name(n) not in running)
+    starting = [n for n in ctx.lab.nodes if ctx.lab.domain_name(n) not in running]
+    need = sum(n.memory for n in starting)
+    # an emulated node's translation cache is host memory too, and a busy node fills it
+    cache = tcg_cache_mib(ctx.lab) * len(starting) if ctx.virt_type == "qemu" else 0
     have = available_mib()
-    if need and have < need + 512:
-        return Problem("memory", f"the nodes still to start need {need} MiB; the host has {have} MiB available "
-                                 f"(512 MiB kept for the host)", "lower nodes[].memory or stop other VMs")
+    if need and have < need + cache + 512:
+        cached = f" plus {cache} MiB of TCG translation cache" if cache else ""
+        return Problem("memory", f"the nodes still to start need {need} MiB{cached}; the host has {have} MiB "
+                                 f"available (512 MiB kept for the host)",
+                       "lower nodes[].memory" + (" or libvirt.tcgCacheMiB" if cache else "") + ", or stop other VMs")
     return None
 
 

@@ -38,7 +38,16 @@ TCG_CONTROL_PLANE_SHARES = 4096
 #: time (measured on the CI cluster: acpi_pm on both nodes). TCG's TSC follows the host's clock, so trusting it is
 #: safe; KVM guests keep kvm-clock.
 TCG_KERNEL_ARGS = "clocksource=tsc tsc=reliable"
+#: qemu TCG's translation cache of an emulated node, in MiB, unless the spec sets libvirt.tcgCacheMiB. qemu 7.2's
+#: default, 1 GiB, filled within the first minutes of a CI cluster node's boot; qemu then flushes every translation
+#: and retranslates all hot code. The cache is host memory that grows as it fills, on top of the guest's.
+TCG_TB_CACHE_MIB = 4096
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def tcg_cache_mib(lab: Lab) -> int:
+    """The translation cache an emulated node of ``lab`` gets, in MiB."""
+    return lab.libvirt.tcg_cache_mib or TCG_TB_CACHE_MIB
 
 
 def dns_domain(lab: Lab) -> str:
@@ -223,6 +232,8 @@ def domain_xml(lab: Lab, node: NodeSpec, *, virt_type: str, disk_path: str, seed
     features = _sub(dom, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
+    if virt_type == "qemu":
+        _sub(_sub(features, "tcg"), "tb-cache", str(tcg_cache_mib(lab)), unit="MiB")
     _cpu(dom, virt_type, node.cpus)
     if virt_type == "qemu" and node.role == "control-plane":
         # Each TCG vCPU is a busy host thread. When the host's cores are fewer than the lab's vCPUs, the control

@@ -421,3 +421,17 @@ def test_domain_of_another_lab_with_the_same_name_is_refused(tmp_path):
     finally:
         dom.undefine()
         ctx.close()
+
+
+def test_memory_counts_the_translation_cache_of_emulated_nodes(ctx):
+    from lab.virt.xml import tcg_cache_mib
+
+    cache = tcg_cache_mib(ctx.lab) * len(ctx.lab.nodes)
+    enough = sum(n.memory for n in ctx.lab.nodes) + 512
+    ctx.virt_type = "kvm"
+    assert pf.check_memory(ctx, available_mib=lambda: enough, running=set()) is None
+    ctx.virt_type = "qemu"
+    problem = pf.check_memory(ctx, available_mib=lambda: enough, running=set())
+    assert f"plus {cache} MiB of TCG translation cache" in problem.message
+    assert "libvirt.tcgCacheMiB" in problem.fix
+    assert pf.check_memory(ctx, available_mib=lambda: enough + cache, running=set()) is None

@@ -248,3 +248,28 @@ def test_cpu_shares_that_libvirt_does_not_apply_are_reported():
     assert hv.unapplied_cpu_shares(with_shares) == \
         "libvirt reports cpu_shares None (parameters ['weight']), want 4096"
     assert hv.unapplied_cpu_shares(without) is None
+
+
+@pytest.mark.parametrize("spec_mib", [None, 2048])
+def test_emulated_nodes_get_a_translation_cache_larger_than_qemus_default(tmp_path, spec_mib):
+    """qemu's 1 GiB default filled while a CI cluster node booted: TCG nodes get TCG_TB_CACHE_MIB or the spec's
+    libvirt.tcgCacheMiB; KVM nodes have no translation cache and get no <tcg> element."""
+    from lab.virt.xml import TCG_TB_CACHE_MIB
+
+    libvirt = {} if spec_mib is None else {"tcgCacheMiB": spec_mib}
+    lab = parse_lab({"name": "t1", "network": {"cidr": "10.77.0.0/24"}, "kubernetes": {"enabled": False},
+                     "libvirt": libvirt, "nodes": [{"name": "cp1", "role": "control-plane", "cpus": 2, "memory": 1536}]})
+    common = dict(disk_path="/p/d", seed_path="/p/s", console_log="/p/l")
+    tcg = assert_valid(tmp_path, domain_xml(lab, lab.nodes[0], virt_type="qemu", **common), "domain")
+    kvm = assert_valid(tmp_path, domain_xml(lab, lab.nodes[0], virt_type="kvm", **common), "domain")
+    cache = tcg.find("features/tcg/tb-cache")
+    assert (cache.text, cache.get("unit")) == (str(spec_mib or TCG_TB_CACHE_MIB), "MiB")
+    assert TCG_TB_CACHE_MIB > 1024
+    assert kvm.find("features/tcg") is None
+
+
+def test_a_translation_cache_below_64_mib_is_refused():
+    with pytest.raises(Exception, match="tcgCacheMiB"):
+        parse_lab({"name": "t1", "network": {"cidr": "10.77.0.0/24"}, "kubernetes": {"enabled": False},
+                   "libvirt": {"tcgCacheMiB": 16},
+                   "nodes": [{"name": "cp1", "role": "control-plane", "cpus": 2, "memory": 1536}]})
