@@ -77,7 +77,8 @@ class LibvirtSpec(Model):
         default="default", alias="diskCache")
     #: qemu TCG's translation cache per node, in MiB (libvirt ``<features><tcg><tb-cache>``); emulated nodes only,
     #: ignored under KVM. Unset: lab.virt.xml.TCG_TB_CACHE_MIB. When the cache is full qemu throws away every
-    #: translation and retranslates all hot code (docs/bootstrap.md has the CI cluster's figures).
+    #: translation and retranslates all hot code (docs/bootstrap.md has the CI cluster's figures). qemu on an x86_64
+    #: host takes at most 2048 (lab.virt.xml.TCG_TB_CACHE_HOST_CAP_MIB); a larger value is rendered as that.
     tcg_cache_mib: int | None = Field(default=None, alias="tcgCacheMiB", ge=64, le=65536)
 
 

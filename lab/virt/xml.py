@@ -14,6 +14,7 @@ So :func:`network_xml` returns ``None`` for bridge labs.
 from __future__ import annotations
 
 import ipaddress
+import platform
 import xml.etree.ElementTree as ET
 from pathlib import PurePosixPath
 
@@ -41,13 +42,20 @@ TCG_KERNEL_ARGS = "clocksource=tsc tsc=reliable"
 #: qemu TCG's translation cache of an emulated node, in MiB, unless the spec sets libvirt.tcgCacheMiB. qemu 7.2's
 #: default, 1 GiB, filled within the first minutes of a CI cluster node's boot; qemu then flushes every translation
 #: and retranslates all hot code. The cache is host memory that grows as it fills, on top of the guest's.
-TCG_TB_CACHE_MIB = 4096
+TCG_TB_CACHE_MIB = 2048
+#: The largest translation cache qemu takes on a host CPU, in MiB: on x86_64 its translated blocks jump to each other
+#: with 32-bit displacements, so qemu silently cuts a larger tb-cache to 2 GiB (`info jit` on a CI cluster node given
+#: 4096 showed 2147401728 bytes). Hosts not listed take what is asked.
+TCG_TB_CACHE_HOST_CAP_MIB = {"x86_64": 2048}
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
-def tcg_cache_mib(lab: Lab) -> int:
-    """The translation cache an emulated node of ``lab`` gets, in MiB."""
-    return lab.libvirt.tcg_cache_mib or TCG_TB_CACHE_MIB
+def tcg_cache_mib(lab: Lab, machine: str | None = None) -> int:
+    """The translation cache an emulated node of ``lab`` gets on this host (``machine``: platform.machine()), in MiB:
+    the spec's or TCG_TB_CACHE_MIB, no more than qemu takes on the host's CPU."""
+    want = lab.libvirt.tcg_cache_mib or TCG_TB_CACHE_MIB
+    cap = TCG_TB_CACHE_HOST_CAP_MIB.get(machine or platform.machine())
+    return min(want, cap) if cap else want
 
 
 def dns_domain(lab: Lab) -> str:
