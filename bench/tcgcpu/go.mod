@@ -1,0 +1,3 @@
+module kvmlab.dev/bench/tcgcpu
+
+go 1.26
