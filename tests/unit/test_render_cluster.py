@@ -293,6 +293,13 @@ def test_emulated_labs_get_leader_election_that_survives_tcg():
     assert "scheduler" not in kubeadm_documents(default_lab())[1]  # KVM/auto: kubeadm's defaults
 
 
+def test_emulated_labs_get_ecdsa_certificates_cheaper_handshakes_under_tcg():
+    """An RSA-2048 TLS handshake costs about twice an ECDSA P-256 one under TCG (bench/tcg-cpu-model.sh); KVM labs
+    keep kubeadm's default (no field rendered)."""
+    assert kubeadm_documents(lab_with(libvirt={"accel": "tcg"}))[1]["encryptionAlgorithm"] == "ECDSA-P256"
+    assert "encryptionAlgorithm" not in kubeadm_documents(default_lab())[1]
+
+
 def test_emulated_labs_with_several_control_planes_keep_election_with_long_leases():
     from lab.render.kubeadm import leader_election_args
 
