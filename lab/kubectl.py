@@ -79,6 +79,16 @@ def deployment_rolled_out(dep) -> tuple[bool, str]:
     return ok, f"deployment {dep.metadata.name}: {available}/{want} available, {updated} updated"
 
 
+def deployment_serving(dep) -> tuple[bool, str]:
+    """At least one available replica of the current generation: enough to serve while the rest wait for nodes that
+    have not joined yet (the Cilium operator's replicas repel each other, one per node)."""
+    st = dep.status
+    want = dep.spec.replicas if dep.spec.replicas is not None else 1
+    available = st.available_replicas or 0
+    gen_ok = (st.observed_generation or 0) >= (dep.metadata.generation or 0)
+    return gen_ok and available >= min(1, want), f"deployment {dep.metadata.name}: {available}/{want} available"
+
+
 def _condition(obj, kind: str) -> str | None:
     for cond in (obj.status.conditions or []):
         if cond.type == kind:

@@ -14,10 +14,12 @@ from lab.phase import Context, Phase
 from lab.phases import (cilium, down, image, join, kubeadm, kubeconfig, metallb, network, nodes, preflight, ready,
                         runtime, storage, tune, wait)
 
-#: `lab up`, in order.
+#: `lab up`, in order. The CNI goes in between init and join, as kubeadm documents it and kind does it: the control
+#: plane's Cilium agent compiles its datapath before any worker's does, instead of all of them at once (under TCG on
+#: two host cores the concurrent compiles starved the API server).
 UP: tuple[type[Phase], ...] = (
     preflight.Preflight, image.Image, network.Network, storage.Storage, nodes.Nodes, wait.Wait, tune.Tune,
-    runtime.Runtime, kubeadm.Kubeadm, join.Join, cilium.Cilium, metallb.Metallb, ready.Ready, kubeconfig.Kubeconfig,
+    runtime.Runtime, kubeadm.Kubeadm, cilium.Cilium, join.Join, metallb.Metallb, ready.Ready, kubeconfig.Kubeconfig,
 )
 
 #: `lab down`, in order: the objects `up` made, found by ownership metadata, removed in reverse.

@@ -1,5 +1,7 @@
 """cilium: ``helm upgrade --install`` of the pinned chart with the rendered values (checked by ``helm template``
-against the chart's own values.schema.json first), then wait for the agent DaemonSet and the operator."""
+against the chart's own values.schema.json first), then wait for the agent on every node there is and one serving
+operator. It runs before the workers join (kubeadm's documented order, and kind's): the operator's other replicas
+and Hubble relay may wait for a worker, and the ready phase waits for every kube-system pod."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from lab.errors import RemoteError
 from lab.kubeconfig import fetch_kubeconfig
-from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out
+from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.cilium import CHART, CHART_REPO, NAMESPACE, RELEASE, cilium_values, render_cilium_values
 from lab.wait import api_starting, wait_for
@@ -41,11 +43,11 @@ def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
 
     def probe() -> tuple[bool, str]:
         ds_ok, ds = daemonset_rolled_out(apps.read_namespaced_daemon_set("cilium", NAMESPACE, _request_timeout=10))
-        op_ok, op = deployment_rolled_out(apps.read_namespaced_deployment("cilium-operator", NAMESPACE,
-                                                                          _request_timeout=10))
+        op_ok, op = deployment_serving(apps.read_namespaced_deployment("cilium-operator", NAMESPACE,
+                                                                       _request_timeout=10))
         return ds_ok and op_ok, f"{ds}; {op}"
 
-    wait_for("Cilium agent DaemonSet and operator rolled out", deadline_s, probe, interval=5, log=ctx.log.info,
+    wait_for("Cilium agent DaemonSet rolled out and an operator serving", deadline_s, probe, interval=5, log=ctx.log.info,
              transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n kube-system get pods -o wide`; raise timeouts.rollout")
 

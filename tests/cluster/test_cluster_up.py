@@ -17,7 +17,7 @@ from lab.pipeline import UP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.smoke]
 
-K8S_PHASES = ("runtime", "kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig")
+K8S_PHASES = ("runtime", "kubeadm", "cilium", "join", "metallb", "ready", "kubeconfig")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from kubernetes import client as k8s
 from lab.cilium_status import kpr_mode
 from lab.errors import LabError, RemoteError, WaitTimeout
 from lab.kubeconfig import rewrite_server
-from lab.kubectl import api_client, daemonset_rolled_out, deployment_rolled_out, node_ready, not_ready, pod_ready
+from lab.kubectl import api_client, daemonset_rolled_out, deployment_rolled_out, deployment_serving, node_ready, not_ready, pod_ready
 from lab.phases.cilium import Cilium
 from lab.phases.join import Join, api_not_ready, parse_join_command
 from lab.phases.kubeadm import Kubeadm, init_failure
@@ -53,7 +53,7 @@ def default_lab():
 
 def test_bootstrap_phases_follow_tune_in_order():
     names = phase_names(up_phases())
-    tail = ["tune", "runtime", "kubeadm", "join", "cilium", "metallb", "ready", "kubeconfig"]
+    tail = ["tune", "runtime", "kubeadm", "cilium", "join", "metallb", "ready", "kubeconfig"]
     assert names[names.index("tune"):] == tail
 
 
@@ -297,6 +297,18 @@ def test_deployment_rollout_predicate():
     assert not deployment_rolled_out(dep)[0]
     dep.status.available_replicas = 2
     assert deployment_rolled_out(dep)[0]
+
+
+def test_an_operator_serves_before_the_workers_join():
+    """The cilium phase runs before join: one of two anti-affine operator replicas is all one node can hold."""
+    dep = k8s.V1Deployment(metadata=meta("cilium-operator", generation=2), spec=k8s.V1DeploymentSpec(
+        replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
+        status=k8s.V1DeploymentStatus(replicas=2, updated_replicas=2, available_replicas=0, observed_generation=2))
+    assert deployment_serving(dep) == (False, "deployment cilium-operator: 0/2 available")
+    dep.status.available_replicas = 1
+    assert deployment_serving(dep) == (True, "deployment cilium-operator: 1/2 available")
+    dep.status.observed_generation = 1  # the one available replica is of the old spec
+    assert not deployment_serving(dep)[0]
 
 
 def test_node_and_pod_readiness():
