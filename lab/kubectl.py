@@ -30,12 +30,15 @@ def kubectl(host: "Host", *args: str, check: bool = True, timeout: float | None 
 #: An API server that is up but overloaded or (re)starting: a starved etcd behind it ("etcdserver: request timed
 #: out" while creating MetalLB's Service, seen on the CI cluster under TCG), TLS handshakes that time out, refusals
 #: during a restart. ``kubectl apply`` and ``helm upgrade --install`` are idempotent, so these are retried until the
-#: phase's deadline; a rejected object (validation, admission) is not in this list and fails at once.
+#: phase's deadline; a rejected object (validation, admission) is not in this list and fails at once. Two more seen
+#: while the API server restarted in a loop: kubectl's validation could not fetch the server's own OpenAPI document
+#: ("failed to download openapi: unknown"), and the admin was refused until RBAC had been bootstrapped again.
 API_BUSY = (r"etcdserver: (request timed out|leader changed|too many requests)", r"TLS handshake timeout",
             r"Unable to connect to the server", r"the server was unable to return a response",
             r"the server is currently unable to handle the request", r"context deadline exceeded",
             r"connection refused", r"http2: client connection lost", r"i/o timeout",
-            r"net/http: request canceled", r"Client\.Timeout exceeded")
+            r"net/http: request canceled", r"Client\.Timeout exceeded", r"failed to download openapi",
+            r'User "kubernetes-admin" cannot')
 
 
 def kubectl_retrying(ctx: "Context", host: "Host", *args: str, what: str, deadline_s: float,

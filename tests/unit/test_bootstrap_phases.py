@@ -472,6 +472,14 @@ def test_a_busy_api_server_is_retried_but_a_rejected_object_is_not():
                'etcdserver: request timed out')
     assert busy(SimpleNamespace(stdout="", stderr=starved))
     assert busy(SimpleNamespace(stdout="", stderr="Unable to connect to the server: net/http: TLS handshake timeout"))
+    # the sixth fresh up's metallb phase stopped on this one, 29 minutes in, while the API server restarted
+    assert busy(SimpleNamespace(stdout="", stderr=(
+        'error: error validating "/var/lib/lab/bundle/manifests/metallb-native.yaml": error validating data: '
+        'failed to download openapi: unknown; if you choose to ignore these errors, turn validation off with '
+        '--validate=false')))
+    assert busy(SimpleNamespace(stdout="", stderr=(
+        'Error from server (Forbidden): pods is forbidden: User "kubernetes-admin" cannot list resource "pods" in '
+        'API group "" at the cluster scope')))
     invalid = ('The IPAddressPool "lab-pool" is invalid: spec.addresses[0]: Invalid value: "10.0.0.300": '
                'invalid CIDR')
     assert not busy(SimpleNamespace(stdout="", stderr=invalid))
