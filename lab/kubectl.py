@@ -36,9 +36,9 @@ def kubectl(host: "Host", *args: str, check: bool = True, timeout: float | None 
 API_BUSY = (r"etcdserver: (request timed out|leader changed|too many requests)", r"TLS handshake timeout",
             r"Unable to connect to the server", r"the server was unable to return a response",
             r"the server is currently unable to handle the request", r"context deadline exceeded",
-            r"connection refused", r"http2: client connection lost", r"i/o timeout",
-            r"net/http: request canceled", r"Client\.Timeout exceeded", r"failed to download openapi",
-            r'User "kubernetes-admin" cannot')
+            r"connection refused", r"The connection to the server \S+ was refused",
+            r"http2: client connection lost", r"i/o timeout", r"net/http: request canceled",
+            r"Client\.Timeout exceeded", r"failed to download openapi", r'User "kubernetes-admin" cannot')
 
 
 def kubectl_retrying(ctx: "Context", host: "Host", *args: str, what: str, deadline_s: float,

@@ -47,7 +47,8 @@ def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
                                                                        _request_timeout=10))
         return ds_ok and op_ok, f"{ds}; {op}"
 
-    wait_for("Cilium agent DaemonSet rolled out and an operator serving", deadline_s, probe, interval=5, log=ctx.log.info,
+    wait_for("Cilium agent DaemonSet rolled out and an operator serving", deadline_s, probe, interval=5,
+             log=ctx.log.info,
              transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n kube-system get pods -o wide`; raise timeouts.rollout")
 

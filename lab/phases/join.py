@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 JOIN_YAML = "/run/lab/kubeadm-join.yaml"  # tmpfs: the token never reaches the node's disk
 TOKEN_TTL = "15m"
+KUBELET_CONF = "/etc/kubernetes/kubelet.conf"  # written by a join: the worker belongs to some control plane
 
 #: kubeadm join failures that mean "the control plane is not answering yet": worth retrying until the deadline.
 #: "could not find a JWS signature" is the bootstrap-signer race right after init.
@@ -61,6 +62,10 @@ class Join(Phase):
 
         def join(name: str) -> None:
             host = hosts[name]
+            if host.run("test", "-e", KUBELET_CONF, check=False, sudo=True).ok:
+                # joined before, but not a Node of this control plane (it was reset, or the join half-done)
+                ctx.log.warn(f"{name}: joined to an earlier control plane, not to this one; kubeadm reset")
+                host.run("kubeadm", "reset", "--force", sudo=True, timeout=lab.timeouts.command)
             host.run("install", "-d", "-m", "0700", "/run/lab", sudo=True)
             host.put(JOIN_YAML, join_configuration(lab, lab.node(name), token, ca_hash), mode=0o600)
             try:

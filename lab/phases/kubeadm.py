@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lab.errors import RemoteError
-from lab.kubectl import ADMIN_CONF, LAB_DIR, cp_host, kubectl
+from lab.errors import LabError, RemoteError
+from lab.kubectl import ADMIN_CONF, API_BUSY, LAB_DIR, cp_host, kubectl
 from lab.logs import save_journals, save_log
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.kubeadm import PATCHES_DIR, control_plane, kubeadm_patches, render_kubeadm
+from lab.wait import matches_any, retry_command
 
 if TYPE_CHECKING:
     from lab.phase import Context
 
 KUBEADM_YAML = f"{LAB_DIR}/kubeadm.yaml"
+#: Written when ``kubeadm init`` has succeeded: from then on this control plane is never reset by ``lab up``. Without
+#: it, an API server that was only restarting when ``up`` ran again (seen under TCG) looked half-initialised, and the
+#: whole cluster was reset.
+INIT_MARK = f"{LAB_DIR}/kubeadm-init.done"
 
 
 def init_failure(node: str, result, log_path) -> RemoteError:
@@ -33,9 +38,12 @@ class Kubeadm(Phase):
         host = cp_host(ctx)
         if not host.run("test", "-s", ADMIN_CONF, check=False, sudo=True).ok:
             return False
-        # init got as far as uploading its configuration: the control plane exists
-        return kubectl(host, "-n", "kube-system", "get", "configmap", "kubeadm-config", check=False,
-                       timeout=60).ok
+        if not host.run("test", "-e", INIT_MARK, check=False, sudo=True).ok:
+            # init started but never finished here: done only if it got as far as uploading its configuration
+            return kubectl(host, "-n", "kube-system", "get", "configmap", "kubeadm-config", check=False,
+                           timeout=60).ok
+        wait_initialised(ctx, host)
+        return True
 
     def run(self, ctx: "Context") -> None:
         lab = ctx.lab
@@ -44,6 +52,7 @@ class Kubeadm(Phase):
         if host.run("test", "-e", ADMIN_CONF, check=False, sudo=True).ok:
             ctx.log.warn(f"{node}: a half-initialised control plane is left from an earlier run; kubeadm reset")
             host.run("kubeadm", "reset", "--force", sudo=True, timeout=lab.timeouts.command)
+        host.run("rm", "-f", INIT_MARK, sudo=True)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(KUBEADM_YAML, render_kubeadm(lab), mode=0o600)
         patches = kubeadm_patches(lab)
@@ -62,4 +71,20 @@ class Kubeadm(Phase):
         if not result.ok:
             save_journals(ctx, node)
             raise init_failure(node, result, log_path)
+        host.put(INIT_MARK, f"kubeadm init of Kubernetes {lab.kubernetes.version} succeeded\n", mode=0o600)
         ctx.log.info(f"{node}: control plane initialised (output in {log_path})")
+
+
+def wait_initialised(ctx: "Context", host) -> None:
+    """A control plane that an earlier ``up`` initialised: wait for its API server to answer, never reset it."""
+    lab = ctx.lab
+    try:
+        retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", "-n", "kube-system", "get", "configmap",
+                      "kubeadm-config", sudo=True, what="reading kubeadm-config from the initialised control plane",
+                      deadline_s=lab.timeouts.kubeadm, transient=matches_any(API_BUSY), interval=10.0,
+                      log=ctx.log.info)
+    except LabError as exc:
+        raise LabError(f"{host.name}: the control plane was initialised by an earlier `lab up` ({INIT_MARK}) and "
+                       f"its API server does not answer: {exc.message}",
+                       hint=f"lab up never resets an initialised control plane: see `lab logs` and "
+                            f"`lab ssh {host.name}`; to start the lab over, `lab down` then `lab up`") from exc

@@ -15,7 +15,8 @@ from kubernetes import client as k8s
 from lab.cilium_status import kpr_mode
 from lab.errors import LabError, RemoteError, WaitTimeout
 from lab.kubeconfig import rewrite_server
-from lab.kubectl import api_client, daemonset_rolled_out, deployment_rolled_out, deployment_serving, node_ready, not_ready, pod_ready
+from lab.kubectl import (api_client, daemonset_rolled_out, deployment_rolled_out, deployment_serving, node_ready,
+                         not_ready, pod_ready)
 from lab.phases.cilium import Cilium
 from lab.phases.join import Join, api_not_ready, parse_join_command
 from lab.phases.kubeadm import Kubeadm, init_failure
@@ -562,3 +563,102 @@ def test_process_snapshot_lists_processes_by_cpu_time():
     header, *rows = out.stdout.splitlines()
     assert header.split()[:5] == ["PID", "PPID", "ELAPSED", "TIME", "%CPU"]
     assert str(os.getpid()) in {row.split()[0] for row in rows}
+
+
+# ---------------------------------------------------------------------------------------------- no reset of a live cluster
+
+
+class ScriptedNode:
+    """A node whose commands answer from a script: ``answers`` maps a command's first words to CommandResults (a
+    list is consumed in order, its last answer repeated). Every command run is recorded."""
+
+    def __init__(self, name: str, answers: dict[str, object]):
+        self.name, self.answers, self.ran = name, answers, []
+
+    def run(self, cmd: str, *args: str, check: bool = True, **_) -> CommandResult:
+        line = " ".join([cmd, *args])
+        self.ran.append(line)
+        for prefix, answer in self.answers.items():
+            if line.startswith(prefix):
+                if isinstance(answer, list):
+                    answer = answer.pop(0) if len(answer) > 1 else answer[0]
+                return answer
+        return CommandResult(line, 0, "", "")
+
+    def put(self, path: str, data: str, mode: int = 0o644, sudo: bool = True) -> None:
+        self.ran.append(f"put {path}")
+
+
+def ok(text: str = "") -> CommandResult:
+    return CommandResult("", 0, text, "")
+
+
+def failed(text: str) -> CommandResult:
+    return CommandResult("", 1, "", text)
+
+
+GET_KUBEADM_CONFIG = "kubectl --kubeconfig=/etc/kubernetes/admin.conf -n kube-system get configmap kubeadm-config"
+
+
+def test_an_initialised_control_plane_whose_api_server_restarts_is_waited_for_not_reset(tmp_path, monkeypatch):
+    """Seen under TCG: `lab up` ran again while the API server restarted, found no kubeadm-config, and reset the
+    whole cluster. With init's mark on the node, it waits for the API server instead."""
+    from lab.phases import kubeadm as phase
+
+    node = ScriptedNode("cp1", {"test -e /etc/lab/kubeadm-init.done": ok(), GET_KUBEADM_CONFIG: [
+        failed("The connection to the server 10.232.0.10:6443 was refused - did you specify the right host or port?"),
+        failed('Error from server (Forbidden): configmaps "kubeadm-config" is forbidden: User "kubernetes-admin" '
+               'cannot get resource "configmaps"'),
+        ok("configmap/kubeadm-config")]})
+    monkeypatch.setattr(phase, "cp_host", lambda ctx: node)
+    monkeypatch.setattr("lab.wait.time.sleep", lambda s: None)
+    assert Kubeadm().done(ctx_for(default_lab(), tmp_path))
+    assert [line for line in node.ran if line.startswith("kubectl")] == [GET_KUBEADM_CONFIG] * 3
+    assert not any("reset" in line for line in node.ran)
+
+
+def test_an_initialised_control_plane_that_never_answers_is_an_error_not_a_reset(tmp_path, monkeypatch):
+    from lab.phases import kubeadm as phase
+
+    node = ScriptedNode("cp1", {"test -e /etc/lab/kubeadm-init.done": ok(), GET_KUBEADM_CONFIG: [
+        failed('Error from server (NotFound): configmaps "kubeadm-config" not found')]})
+    monkeypatch.setattr(phase, "cp_host", lambda ctx: node)
+    with pytest.raises(LabError) as err:
+        Kubeadm().done(ctx_for(default_lab(), tmp_path))
+    assert "initialised by an earlier `lab up`" in err.value.message and "not found" in err.value.message
+    assert "lab down" in err.value.hint
+    assert not any("reset" in line for line in node.ran)
+
+
+def test_a_control_plane_without_init_mark_and_config_is_half_initialised(tmp_path, monkeypatch):
+    """No mark: init never finished on this node; done() says no, and run() resets it before init."""
+    from lab.phases import kubeadm as phase
+
+    node = ScriptedNode("cp1", {"test -e /etc/lab/kubeadm-init.done": failed(""),
+                                GET_KUBEADM_CONFIG: failed('configmaps "kubeadm-config" not found')})
+    monkeypatch.setattr(phase, "cp_host", lambda ctx: node)
+    assert not Kubeadm().done(ctx_for(default_lab(), tmp_path))
+    monkeypatch.setattr(phase, "save_log", lambda ctx, name, text: tmp_path / name)
+    Kubeadm().run(ctx_for(default_lab(), tmp_path))
+    order = [line.split()[0] + (" " + line.split()[1] if len(line.split()) > 1 else "") for line in node.ran]
+    assert order.index("kubeadm reset") < order.index("kubeadm init")
+    assert "put /etc/lab/kubeadm-init.done" in node.ran  # marked only after init succeeded
+    assert node.ran.index("put /etc/lab/kubeadm-init.done") > order.index("kubeadm init")
+
+
+def test_a_worker_joined_to_an_earlier_control_plane_is_reset_before_it_joins(tmp_path, monkeypatch):
+    from lab.phases import join as phase
+
+    lab = default_lab()
+    cp = ScriptedNode("cp1", {"kubectl --kubeconfig=/etc/kubernetes/admin.conf get nodes": ok("node/cp1\n"),
+                              "kubeadm token create": ok(
+                                  "kubeadm join 10.0.0.1:6443 --token abcdef.0123456789abcdef "
+                                  "--discovery-token-ca-cert-hash sha256:" + "b" * 64)})
+    workers = {w.name: ScriptedNode(w.name, {}) for w in lab.workers}
+    monkeypatch.setattr(phase, "cp_host", lambda ctx: cp)
+    ctx = ctx_for(lab, tmp_path)
+    monkeypatch.setattr(ctx, "host", lambda name: workers[name])
+    Join().run(ctx)
+    for node in workers.values():  # `test -e kubelet.conf` answered 0: each was joined before
+        join_line = "kubeadm join --config /run/lab/kubeadm-join.yaml"
+        assert node.ran.index("kubeadm reset --force") < node.ran.index(join_line)
