@@ -16,6 +16,12 @@ CRI_SOCKET = "unix:///var/run/containerd/containerd.sock"
 API_PORT = 6443
 #: kubeadm's key and certificate algorithm on emulated (TCG) labs; kubeadm's own default, RSA-2048, elsewhere.
 TCG_ENCRYPTION_ALGORITHM = "ECDSA-P256"
+#: The API server's /livez and /readyz include an etcd check: a linearizable read of `<prefix>/health` with a 2 s
+#: limit (k8s.io/apiserver storagebackend.DefaultHealthcheckTimeout). On the CI cluster under TCG a busy etcd answered
+#: later than that for minutes on end (/livez?verbose: "[-]etcd failed" while every other check passed), the
+#: liveness probe killed a serving API server, and its restarts then failed their post-start hooks in a loop. On
+#: emulated labs etcd gets 30 s, inside the patched liveness probe's 60 s timeout.
+TCG_ETCD_CHECK_TIMEOUT = "30s"
 
 
 def control_plane(lab: Lab) -> NodeSpec:
@@ -97,6 +103,8 @@ def kubeadm_documents(lab: Lab) -> list[dict]:
         # (API server, etcd, kubelet, controller manager, scheduler, admin) are ECDSA P-256 on emulated labs; the
         # API server's own loopback certificate stays RSA-2048 (client-go's self-signed generator).
         cluster["encryptionAlgorithm"] = TCG_ENCRYPTION_ALGORITHM
+        cluster["apiServer"]["extraArgs"] = [{"name": flag, "value": TCG_ETCD_CHECK_TIMEOUT}
+                                             for flag in ("etcd-healthcheck-timeout", "etcd-readycheck-timeout")]
         cluster["controllerManager"] = {"extraArgs": leader_election_args(lab)}
         cluster["scheduler"] = {"extraArgs": leader_election_args(lab)}
     kubelet = {

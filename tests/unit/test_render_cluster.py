@@ -14,7 +14,7 @@ import yaml
 
 from lab.render import render_cluster
 from lab.render.cilium import cilium_values, deep_merge, validate_cilium_values
-from lab.render.kubeadm import join_configuration, kubeadm_documents
+from lab.render.kubeadm import join_configuration, kubeadm_documents, kubeadm_patches
 from lab.render.metallb import metallb_documents, native_manifest_url
 from lab.spec import KUBERNETES_VERSION, OVERLAY_OVERHEAD_IPV4, load_lab, parse_lab
 
@@ -369,3 +369,15 @@ def test_emulated_labs_give_metallb_webhooks_the_longest_timeout():
     assert ops == [{"op": "add", "path": f"/webhooks/{i}/timeoutSeconds", "value": 30} for i in range(3)]
     assert MAX_WEBHOOK_TIMEOUT_S == 30  # admissionregistration/v1's upper bound
     assert emulated_webhook_timeout_patch(default_lab(), names) == []
+
+
+def test_emulated_labs_give_the_api_servers_etcd_check_30_seconds():
+    """Seen on the CI cluster under TCG: /livez failed only on its etcd check (2 s) for minutes and the liveness
+    probe killed a serving API server. Emulated labs raise both etcd checks; KVM labs keep the defaults."""
+    cluster = kubeadm_documents(lab_with(libvirt={"accel": "tcg"}))[1]
+    args = {a["name"]: a["value"] for a in cluster["apiServer"]["extraArgs"]}
+    assert args == {"etcd-healthcheck-timeout": "30s", "etcd-readycheck-timeout": "30s"}
+    probe = yaml.safe_load(kubeadm_patches(lab_with(libvirt={"accel": "tcg"}))["kube-apiserver+strategic.yaml"])
+    liveness = probe["spec"]["containers"][0]["livenessProbe"]
+    assert liveness["timeoutSeconds"] > 30  # the probe outlasts the check it waits for
+    assert "extraArgs" not in kubeadm_documents(default_lab())[1]["apiServer"]
