@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lab.errors import LabError, RemoteError
-from lab.kubectl import ADMIN_CONF, API_BUSY, LAB_DIR, cp_host, kubectl
+from lab.kubectl import ADMIN_CONF, LAB_DIR, cp_host, kubectl, kubectl_retrying
 from lab.logs import save_journals, save_log
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.kubeadm import PATCHES_DIR, control_plane, kubeadm_patches, render_kubeadm
-from lab.wait import matches_any, retry_command
 
 if TYPE_CHECKING:
     from lab.phase import Context
@@ -77,12 +76,10 @@ class Kubeadm(Phase):
 
 def wait_initialised(ctx: "Context", host) -> None:
     """A control plane that an earlier ``up`` initialised: wait for its API server to answer, never reset it."""
-    lab = ctx.lab
     try:
-        retry_command(host, "kubectl", f"--kubeconfig={ADMIN_CONF}", "-n", "kube-system", "get", "configmap",
-                      "kubeadm-config", sudo=True, what="reading kubeadm-config from the initialised control plane",
-                      deadline_s=lab.timeouts.kubeadm, transient=matches_any(API_BUSY), interval=10.0,
-                      log=ctx.log.info)
+        kubectl_retrying(ctx, host, "-n", "kube-system", "get", "configmap", "kubeadm-config",
+                         what="reading kubeadm-config from the initialised control plane",
+                         deadline_s=ctx.lab.timeouts.kubeadm)
     except LabError as exc:
         raise LabError(f"{host.name}: the control plane was initialised by an earlier `lab up` ({INIT_MARK}) and "
                        f"its API server does not answer: {exc.message}",
