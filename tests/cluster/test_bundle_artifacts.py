@@ -107,3 +107,8 @@ def test_real_kubeadm_applies_the_emulation_patches(bundle, tmp_path):
     container = yaml.safe_load((dry / "kube-apiserver.yaml").read_text())["spec"]["containers"][0]
     assert container["livenessProbe"]["failureThreshold"] == 60
     assert container["readinessProbe"]["periodSeconds"] == 10
+    # merged into kubeadm's probe, not replacing it: host, port and scheme stay kubeadm's
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez?exclude=etcd"
+    assert container["livenessProbe"]["httpGet"]["port"] == 6443
+    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container["resources"]["requests"]["cpu"] == "300m"

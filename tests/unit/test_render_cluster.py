@@ -381,3 +381,22 @@ def test_emulated_labs_give_the_api_servers_etcd_check_30_seconds():
     liveness = probe["spec"]["containers"][0]["livenessProbe"]
     assert liveness["timeoutSeconds"] > 30  # the probe outlasts the check it waits for
     assert "extraArgs" not in kubeadm_documents(default_lab())[1]["apiServer"]
+
+
+def test_emulated_api_server_liveness_leaves_out_etcd_and_control_plane_gets_cpu_weight():
+    """A restart cannot make etcd faster and began the CI cluster's restart loop: the liveness probe excludes the
+    etcd check (readiness keeps it). etcd and the API server request CPU near their measured use, so that a busy
+    Cilium agent (500m) does not hold five times etcd's cgroup weight; the total stays inside 2 CPUs."""
+    patches = {name: yaml.safe_load(text)["spec"]["containers"][0]
+               for name, text in kubeadm_patches(lab_with(libvirt={"accel": "tcg"})).items()}
+    api = patches["kube-apiserver+strategic.yaml"]
+    assert api["livenessProbe"]["httpGet"] == {"path": "/livez?exclude=etcd"}
+    assert "httpGet" not in api["readinessProbe"]
+    assert api["resources"] == {"requests": {"cpu": "300m"}}
+    assert patches["etcd+strategic.yaml"]["resources"] == {"requests": {"cpu": "300m"}}
+    assert "resources" not in patches["kube-scheduler+strategic.yaml"]
+    assert "httpGet" not in patches["etcd+strategic.yaml"]["livenessProbe"]
+    # with kubeadm's own requests (controller manager 200m, scheduler 100m), the agent's and two CoreDNS (100m)
+    agent = cilium_values(lab_with(libvirt={"accel": "tcg"}))["resources"]["requests"]["cpu"]
+    millicpu = [int(c["resources"]["requests"]["cpu"].rstrip("m")) for c in patches.values() if "resources" in c]
+    assert sum(millicpu) + 200 + 100 + int(agent.rstrip("m")) + 2 * 100 <= 1600
