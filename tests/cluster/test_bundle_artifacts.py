@@ -109,6 +109,7 @@ def test_real_kubeadm_applies_the_emulation_patches(bundle, tmp_path):
     assert container["readinessProbe"]["periodSeconds"] == 10
     # merged into kubeadm's probe, not replacing it: host, port and scheme stay kubeadm's
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez?exclude=etcd"
-    assert container["livenessProbe"]["httpGet"]["port"] == 6443
-    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    liveness, readiness = container["livenessProbe"]["httpGet"], container["readinessProbe"]["httpGet"]
+    assert {k: liveness[k] for k in ("host", "port", "scheme")} == {k: readiness[k] for k in ("host", "port", "scheme")}
+    assert liveness["scheme"] == "HTTPS" and readiness["path"] == "/readyz"
     assert container["resources"]["requests"]["cpu"] == "300m"
