@@ -93,7 +93,7 @@ test: sysdeps-test venv image
 	bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 # The real-cluster tier: Kubernetes + Cilium + MetalLB from the offline bundle in TCG VMs, then the conformance
-# suite against it. Builds the bundle first when it is not cached (29-40 minutes from cold on 2 cores, docs/bundle.md).
+# suite against it. Builds the bundle first when it is not cached (26-40 minutes from cold on 2 cores, docs/bundle.md).
 test-cluster: sysdeps-test venv image bundle
 	bash scripts/libvirtd-netns.sh start
 	bash scripts/run-tests.sh --cluster -m 'not faults and not subset' $(PYTEST_ARGS)
