@@ -1,7 +1,13 @@
 """cilium: ``helm upgrade --install`` of the pinned chart with the rendered values (checked by ``helm template``
 against the chart's own values.schema.json first), then wait for the agent on every node there is and one serving
-operator. It runs before the workers join (kubeadm's documented order, and kind's): the operator's other replicas
-and Hubble relay may wait for a worker, and the ready phase waits for every kube-system pod."""
+operator, and for CoreDNS on the pod network. It runs before the workers join (kubeadm's documented order, and
+kind's): the operator's other replicas and Hubble relay may wait for a worker, and the ready phase waits for every
+kube-system pod.
+
+An agent is Ready before its datapath is: it compiles bpf_sock, the alignment checker and bpf_overlay under one
+fixed 300 s limit, then bpf_host and the first bpf_lxc. On the CI cluster under TCG a worker joining and MetalLB
+going in during that compile had it killed at the limit every 5 minutes; with the control plane alone on the
+host the same compile took a third of the time. Waiting for CoreDNS keeps the control plane's compile alone."""
 from __future__ import annotations
 
 import json
@@ -36,6 +42,12 @@ def bundle_chart(host) -> str:
     return on_node(host, manifest, next(e for e in manifest.of_kind("chart") if e.component == CHART))
 
 
+#: kubeadm's DNS add-on: its pods are the first on the pod network, so one available replica means the agent
+#: there has initialised its datapath and built its first endpoint (kubeadm's documented check that a pod network
+#: works).
+COREDNS = "coredns"
+
+
 def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
     from kubernetes import client
 
@@ -45,9 +57,11 @@ def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
         ds_ok, ds = daemonset_rolled_out(apps.read_namespaced_daemon_set("cilium", NAMESPACE, _request_timeout=10))
         op_ok, op = deployment_serving(apps.read_namespaced_deployment("cilium-operator", NAMESPACE,
                                                                        _request_timeout=10))
-        return ds_ok and op_ok, f"{ds}; {op}"
+        dns_ok, dns = deployment_serving(apps.read_namespaced_deployment(COREDNS, "kube-system", _request_timeout=10))
+        return ds_ok and op_ok and dns_ok, f"{ds}; {op}; {dns}"
 
-    wait_for("Cilium agent DaemonSet rolled out and an operator serving", deadline_s, probe, interval=5,
+    wait_for("Cilium agent DaemonSet rolled out, an operator serving and CoreDNS on the pod network", deadline_s,
+             probe, interval=5,
              log=ctx.log.info,
              transient=api_starting,
              hint="`lab ssh <control-plane> sudo kubectl -n kube-system get pods -o wide`; raise timeouts.rollout")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import textwrap
+import types
 import time
 from pathlib import Path
 
@@ -662,3 +663,47 @@ def test_a_worker_joined_to_an_earlier_control_plane_is_reset_before_it_joins(tm
     for node in workers.values():  # `test -e kubelet.conf` answered 0: each was joined before
         join_line = "kubeadm join --config /run/lab/kubeadm-join.yaml"
         assert node.ran.index("kubeadm reset --force") < node.ran.index(join_line)
+
+
+def test_cilium_phase_waits_for_coredns_on_the_pod_network(monkeypatch):
+    """An agent is Ready before its datapath compiles; on the CI cluster a worker joining during that compile had it
+    killed at Cilium's 300 s limit in a loop. The cilium phase's wait includes CoreDNS serving (its pods are the
+    first on the pod network), and says which of the three it is waiting for."""
+    import kubernetes.client
+
+    from lab.errors import LabError
+    from lab.phases import cilium as phase
+
+    ds = k8s.V1DaemonSet(metadata=meta("cilium"), spec=k8s.V1DaemonSetSpec(
+        selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()), status=k8s.V1DaemonSetStatus(
+        current_number_scheduled=1, desired_number_scheduled=1, number_misscheduled=0, number_ready=1,
+        number_available=1, updated_number_scheduled=1, observed_generation=1))
+
+    def deployment(name, available):
+        return k8s.V1Deployment(metadata=meta(name), spec=k8s.V1DeploymentSpec(
+            replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
+            status=k8s.V1DeploymentStatus(replicas=2, available_replicas=available, observed_generation=1))
+
+    coredns = {"available": 0}
+    asked = []
+
+    class Apps:
+        def __init__(self, api):
+            pass
+
+        def read_namespaced_daemon_set(self, name, namespace, _request_timeout=None):
+            return ds
+
+        def read_namespaced_deployment(self, name, namespace, _request_timeout=None):
+            asked.append((namespace, name))
+            return deployment(name, coredns["available"] if name == "coredns" else 1)
+
+    monkeypatch.setattr(phase, "api_client", lambda kubeconfig: None)
+    monkeypatch.setattr(kubernetes.client, "AppsV1Api", Apps)
+    ctx = types.SimpleNamespace(log=types.SimpleNamespace(info=lambda *a, **k: None))
+    with pytest.raises(LabError) as err:
+        phase.wait_rollout(ctx, "kc", 0.01)
+    assert "CoreDNS" in str(err.value) and "deployment coredns: 0/2 available" in str(err.value)
+    assert ("kube-system", "coredns") in asked
+    coredns["available"] = 1
+    phase.wait_rollout(ctx, "kc", 5)
