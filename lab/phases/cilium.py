@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from lab.errors import RemoteError
+from lab.errors import LabError, RemoteError
 from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving
 from lab.phase import Phase, skip_without_kubernetes
@@ -73,7 +73,8 @@ class Cilium(Phase):
     def skip_reason(self, ctx: "Context") -> str | None:
         return skip_without_kubernetes(ctx)
 
-    def done(self, ctx: "Context") -> bool:
+    def installed(self, ctx: "Context") -> bool:
+        """The pinned chart deployed with exactly the rendered values (``helm list`` and ``helm get values``)."""
         host = cp_host(ctx)
         status = host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "list", "--namespace", NAMESPACE,
                           "--filter", f"^{RELEASE}$", "--output", "json", check=False, sudo=True)
@@ -85,15 +86,18 @@ class Cilium(Phase):
             return False
         values = host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "get", "values", RELEASE, "--namespace",
                           NAMESPACE, "--output", "json", check=False, sudo=True)
-        if not values.ok or json.loads(values.stdout or "{}") != cilium_values(ctx.lab):
+        return values.ok and json.loads(values.stdout or "{}") == cilium_values(ctx.lab)
+
+    def done(self, ctx: "Context") -> bool:
+        if not self.installed(ctx):
             return False
         try:
             wait_rollout(ctx, fetch_kubeconfig(ctx), 1)
-        except Exception:  # noqa: BLE001 - installed but not rolled out: run() waits properly
+        except LabError:  # installed, not serving this second (an operator restarting): run() waits, no upgrade
             return False
         return True
 
-    def run(self, ctx: "Context") -> None:
+    def install(self, ctx: "Context") -> None:
         lab = ctx.lab
         host = cp_host(ctx)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
@@ -107,4 +111,11 @@ class Cilium(Phase):
         ctx.log.info(f"helm upgrade --install cilium {lab.cilium.version}")
         host.run("env", *helm_args("upgrade", lab.cilium.version, chart_file), "--install", sudo=True,
                  timeout=lab.timeouts.command)
+
+    def run(self, ctx: "Context") -> None:
+        lab = ctx.lab
+        if self.installed(ctx):
+            ctx.log.info(f"cilium {lab.cilium.version} is installed with these values: waiting, not upgrading")
+        else:
+            self.install(ctx)
         wait_rollout(ctx, fetch_kubeconfig(ctx), lab.timeouts.rollout)

@@ -707,3 +707,35 @@ def test_cilium_phase_waits_for_coredns_on_the_pod_network(monkeypatch):
     assert ("kube-system", "coredns") in asked
     coredns["available"] = 1
     phase.wait_rollout(ctx, "kc", 5)
+
+
+def test_an_installed_cilium_not_serving_this_second_is_waited_for_not_upgraded(tmp_path, monkeypatch):
+    """Seen on the CI cluster: a second `up` found the release deployed with the same values, but the operator was
+    restarting at that second; done() said no and run() ran `helm upgrade` again (285 s under TCG). Now run() only
+    waits. A release with other values is upgraded."""
+    import json
+
+    from lab.phases import cilium as phase
+    from lab.render.cilium import cilium_values
+
+    lab = default_lab()
+    release = ok(json.dumps([{"name": "cilium", "chart": f"cilium-{lab.cilium.version}", "status": "deployed"}]))
+    waits = []
+
+    def wait(ctx, kubeconfig, deadline_s):
+        waits.append(deadline_s)
+        if deadline_s == 1:
+            raise WaitTimeout("Cilium agent DaemonSet rolled out", 1, "deployment cilium-operator: 0/1 available")
+
+    monkeypatch.setattr(phase, "wait_rollout", wait)
+    monkeypatch.setattr(phase, "fetch_kubeconfig", lambda ctx: "kc")
+    for values, upgraded in ((cilium_values(lab), False), ({**cilium_values(lab), "MTU": 9000}, True)):
+        node = ScriptedNode("cp1", {"env KUBECONFIG=/etc/kubernetes/admin.conf helm list": release,
+                                    "env KUBECONFIG=/etc/kubernetes/admin.conf helm get values": ok(json.dumps(values))})
+        monkeypatch.setattr(phase, "cp_host", lambda ctx: node)
+        monkeypatch.setattr(phase, "bundle_chart", lambda host: "/bundle/cilium.tgz")
+        ctx = ctx_for(lab, tmp_path)
+        assert not Cilium().done(ctx)
+        Cilium().run(ctx)
+        assert any(" helm upgrade " in f" {line} " for line in node.ran) is upgraded, node.ran
+        assert waits[-1] == lab.timeouts.rollout
