@@ -671,7 +671,6 @@ def test_cilium_phase_waits_for_coredns_on_the_pod_network(monkeypatch):
     first on the pod network), and says which of the three it is waiting for."""
     import kubernetes.client
 
-    from lab.errors import LabError
     from lab.phases import cilium as phase
 
     ds = k8s.V1DaemonSet(metadata=meta("cilium"), spec=k8s.V1DaemonSetSpec(
