@@ -19,8 +19,19 @@ from labrun import in_netns
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 
+def sweep_leftovers(env) -> None:
+    """Namespaces and taints a killed earlier run left behind (`pytest conformance --cleanup-only`): under TCG their
+    pods load the control plane for the whole run."""
+    argv = in_netns([str(ROOT / ".venv/bin/python"), "-m", "pytest", "conformance", "--lab", str(SPEC),
+                     "-p", "no:cacheprovider", "--cleanup-only"])
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"conformance --cleanup-only failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    print(next((line for line in proc.stdout.splitlines() if line.startswith("cleanup-only:")), proc.stdout[-500:]))
+
+
 def run_make_conformance(state_dir, results_dir, *pytest_args: str, timeout: float = 5400):
     env = {**os.environ, "LAB_STATE_DIR": str(state_dir)}
+    sweep_leftovers(env)
     argv = in_netns(["make", "-s", "conformance", f"LAB={SPEC.relative_to(ROOT)}", "CONFORMANCE_WORKERS=2",
                      "PYTEST_ARGS=" + shlex.join(["--results-dir", str(results_dir), "-p", "no:cacheprovider",
                                                   *pytest_args])])
