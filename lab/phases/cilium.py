@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 
 from lab.errors import LabError, RemoteError
 from lab.kubeconfig import fetch_kubeconfig
-from lab.kubectl import ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving
+from lab.kubectl import (ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving,
+                         kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
-from lab.render.cilium import CHART, CHART_REPO, NAMESPACE, RELEASE, cilium_values, render_cilium_values
+from lab.render.cilium import (CHART, CHART_REPO, NAMESPACE, OPERATOR_DEPLOYMENT, RELEASE, cilium_values,
+                               emulated_operator_patch, operator_probes_patched, render_cilium_values)
 from lab.wait import api_starting, wait_for
 
 if TYPE_CHECKING:
@@ -88,8 +90,24 @@ class Cilium(Phase):
                           NAMESPACE, "--output", "json", check=False, sudo=True)
         return values.ok and json.loads(values.stdout or "{}") == cilium_values(ctx.lab)
 
+    def operator_patched(self, ctx: "Context") -> bool:
+        if emulated_operator_patch(ctx.lab) is None:
+            return True
+        got = cp_host(ctx).run("kubectl", f"--kubeconfig={ADMIN_CONF}", "-n", NAMESPACE, "get", "deployment",
+                               OPERATOR_DEPLOYMENT, "-o", "json", check=False, sudo=True)
+        return got.ok and operator_probes_patched(json.loads(got.stdout), ctx.lab)
+
+    def patch_operator(self, ctx: "Context") -> None:
+        """The operator's probe timeouts for TCG (render/cilium.py), unless the Deployment already has them."""
+        patch = emulated_operator_patch(ctx.lab)
+        if patch is None or self.operator_patched(ctx):
+            return
+        kubectl_retrying(ctx, cp_host(ctx), "-n", NAMESPACE, "patch", "deployment", OPERATOR_DEPLOYMENT, "--type",
+                         "strategic", "-p", json.dumps(patch), what="giving the Cilium operator's probes timeouts "
+                         "fit for TCG", deadline_s=ctx.lab.timeouts.rollout)
+
     def done(self, ctx: "Context") -> bool:
-        if not self.installed(ctx):
+        if not self.installed(ctx) or not self.operator_patched(ctx):
             return False
         try:
             wait_rollout(ctx, fetch_kubeconfig(ctx), 1)
@@ -118,4 +136,5 @@ class Cilium(Phase):
             ctx.log.info(f"cilium {lab.cilium.version} is installed with these values: waiting, not upgrading")
         else:
             self.install(ctx)
+        self.patch_operator(ctx)
         wait_rollout(ctx, fetch_kubeconfig(ctx), lab.timeouts.rollout)

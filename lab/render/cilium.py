@@ -111,6 +111,33 @@ EMULATED_VALUES: dict[str, Any] = {
 }
 
 
+#: The chart probes the operator's /healthz, one /version round trip to the API server, with a 3 s timeout that no
+#: value sets (liveness 3 failures after 60 s, readiness 5). Under TCG the busy API server answered later: on the CI
+#: cluster the operator restarted 13 times in 70 minutes, and a second `lab up` saw it not serving. Patched into the
+#: Deployment after helm (strategic merge, idempotent; with one replica the chart allows 100 % unavailable).
+OPERATOR_DEPLOYMENT = "cilium-operator"
+EMULATED_OPERATOR_PROBES = {"livenessProbe": {"timeoutSeconds": 20, "failureThreshold": 6},
+                            "readinessProbe": {"timeoutSeconds": 20}}
+
+
+def emulated_operator_patch(lab: Lab) -> dict[str, Any] | None:
+    """Strategic-merge patch of the operator Deployment's probes for an emulated (TCG) lab; None otherwise."""
+    if lab.libvirt.accel != "tcg":
+        return None
+    return {"spec": {"template": {"spec": {"containers": [
+        {"name": OPERATOR_DEPLOYMENT, **{k: dict(v) for k, v in EMULATED_OPERATOR_PROBES.items()}}]}}}}
+
+
+def operator_probes_patched(deployment: dict[str, Any], lab: Lab) -> bool:
+    """Whether the operator Deployment (API dict) carries the emulated probe settings (always, off TCG)."""
+    if emulated_operator_patch(lab) is None:
+        return True
+    containers = deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    operator = next((c for c in containers if c.get("name") == OPERATOR_DEPLOYMENT), {})
+    return all(all((operator.get(probe) or {}).get(k) == v for k, v in want.items())
+               for probe, want in EMULATED_OPERATOR_PROBES.items())
+
+
 def bundle_values() -> dict[str, Any]:
     """Images imported from the offline bundle (never pulled), and no Envoy: it is C++, not built from Go
     modules, and ``envoy.enabled: false`` alone would still run the Envoy the agent image is expected to carry."""

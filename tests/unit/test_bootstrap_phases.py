@@ -738,3 +738,42 @@ def test_an_installed_cilium_not_serving_this_second_is_waited_for_not_upgraded(
         Cilium().run(ctx)
         assert any(" helm upgrade " in f" {line} " for line in node.ran) is upgraded, node.ran
         assert waits[-1] == lab.timeouts.rollout
+
+
+def test_cilium_operator_probes_get_tcg_timeouts_once(tmp_path, monkeypatch):
+    """The chart probes the operator with a fixed 3 s timeout; under TCG it restarted 13 times in 70 minutes on the
+    CI cluster. On an emulated lab done() says no until the Deployment carries the longer timeouts, run() patches
+    it once (a patched Deployment is left alone), and a KVM lab is never patched."""
+    import json
+
+    from lab.phases import cilium as phase
+    from lab.render.cilium import EMULATED_OPERATOR_PROBES, cilium_values
+
+    tcg = load_lab(REPO / "labs" / "ci-cluster.yaml")
+    stock = {"spec": {"template": {"spec": {"containers": [
+        {"name": "cilium-operator", "livenessProbe": {"timeoutSeconds": 3, "failureThreshold": 3},
+         "readinessProbe": {"timeoutSeconds": 3, "failureThreshold": 5}}]}}}}
+    patched = json.loads(json.dumps(stock))
+    for probe, want in EMULATED_OPERATOR_PROBES.items():
+        patched["spec"]["template"]["spec"]["containers"][0][probe].update(want)
+    monkeypatch.setattr(phase, "wait_rollout", lambda ctx, kubeconfig, deadline_s: None)
+    monkeypatch.setattr(phase, "fetch_kubeconfig", lambda ctx: "kc")
+    monkeypatch.setattr(phase, "bundle_chart", lambda host: "/bundle/cilium.tgz")
+    get = "kubectl --kubeconfig=/etc/kubernetes/admin.conf -n kube-system get deployment cilium-operator"
+    for lab, deployment, patches in ((tcg, stock, 1), (tcg, patched, 0), (default_lab(), stock, 0)):
+        release = ok(json.dumps([{"name": "cilium", "chart": f"cilium-{lab.cilium.version}", "status": "deployed"}]))
+        node = ScriptedNode("cp1", {"env KUBECONFIG=/etc/kubernetes/admin.conf helm list": release,
+                                    "env KUBECONFIG=/etc/kubernetes/admin.conf helm get values":
+                                        ok(json.dumps(cilium_values(lab))),
+                                    get: ok(json.dumps(deployment))})
+        monkeypatch.setattr(phase, "cp_host", lambda ctx: node)
+        ctx = ctx_for(lab, tmp_path)
+        assert Cilium().done(ctx) is (patches == 0)
+        Cilium().run(ctx)
+        done = [line for line in node.ran if " patch deployment cilium-operator " in f" {line} "]
+        assert len(done) == patches, node.ran
+        if patches:
+            patch = json.loads(done[0].split(" -p ", 1)[1])
+            operator = patch["spec"]["template"]["spec"]["containers"][0]
+            assert operator["name"] == "cilium-operator" and operator["livenessProbe"]["timeoutSeconds"] >= 10
+        assert not any(" helm upgrade " in f" {line} " for line in node.ran)
