@@ -2,6 +2,7 @@
 
 Checks (each a function returning a Problem or None, with its facts injectable for tests):
 libvirtd reachable, KVM usable (a failure only when ``libvirt.accel: kvm``; ``auto`` falls back to TCG with a warning),
+a QEMU that runs multi-vCPU TCG guests safely (8.1 or newer; check_tcg_smp),
 free memory and disk for the spec, the lab CIDR not already routed, the host bridge present (bridge mode), and no
 netfilter forward chain with policy drop that would drop the lab bridge's traffic (Docker's iptables FORWARD DROP,
 an nftables ``forward`` chain with ``policy drop``). ``check_host(ctx)`` runs them all; ``lab up`` refuses on any
@@ -73,6 +74,31 @@ def check_accel(ctx: Context, detect: Callable[[str], tuple[str, str | None]] | 
         ctx.log.warn(warning)
     ctx.virt_type = virt_type
     return None
+
+
+#: The first QEMU whose multi-threaded TCG locks a guest page before translating it (commit deba78709ae8 "Always
+#: lock pages before translation", QEMU 8.1.0; Red Hat bug 2216496). Before it a vCPU could keep running a stale
+#: translation of kernel text another vCPU had just patched: an int3 that text_poke left at a static key. On the CI
+#: cluster under QEMU 7.2 the 2-vCPU control plane livelocked in exc_int3 at hrtimer_start_range_ns while Cilium
+#: loaded its datapath, and stopped answering ARP. One vCPU per guest cannot race.
+TCG_SMP_SAFE_QEMU = (8, 1, 0)
+
+
+def check_tcg_smp(ctx: Context, version: Callable[[], tuple[int, int, int] | None] | None = None) -> Problem | None:
+    """TCG guests with more than one vCPU need QEMU 8.1 or newer (TCG_SMP_SAFE_QEMU)."""
+    smp = [f"{n.name} ({n.cpus})" for n in ctx.lab.nodes if n.cpus > 1]
+    if ctx.virt_type != "qemu" or not smp:
+        return None
+    found = (version or ctx.hv.qemu_version)()
+    if found is None or found >= TCG_SMP_SAFE_QEMU:
+        return None
+    have, need = ".".join(map(str, found)), ".".join(map(str, TCG_SMP_SAFE_QEMU))
+    return Problem("qemu", f"QEMU {have} runs these TCG (no KVM) guests with more than one vCPU: nodes[].cpus of "
+                   f"{', '.join(smp)}. Before QEMU {need} multi-threaded TCG can run a stale translation of kernel "
+                   "code the guest has just patched; the guest then hangs (seen here under QEMU 7.2 when Cilium "
+                   "loaded its datapath; QEMU commit deba78709ae8)",
+                   f"install QEMU {need} or newer (Debian 12: `apt-get install -t bookworm-backports "
+                   "qemu-system-x86 libvirt-daemon-system`, as `make sysdeps` does), or set cpus: 1 on every node")
 
 
 # ---------------------------------------------------------------------------------------------- memory, disk
@@ -397,6 +423,7 @@ def check_host(ctx: Context) -> list[Problem]:
     else:
         problems = [check_accel(ctx), check_names_free(ctx), check_cidr_free(ctx), check_bridge(ctx),
                     check_memory(ctx) if local else None]
+        problems.append(check_tcg_smp(ctx))  # after check_accel: it reads ctx.virt_type
     if local:
         problems += [check_disk(ctx), check_forward(ctx)]
     return [p for p in problems if p]

@@ -472,6 +472,14 @@ class Hypervisor:
             return None if "kvm" in types else f"its guest domain types are {', '.join(sorted(types)) or 'none'}"
         return None if domcaps.findtext("domain") == "kvm" else "domain capabilities do not list kvm"
 
+    def qemu_version(self) -> tuple[int, int, int] | None:
+        """The QEMU that libvirt runs guests with (virConnectGetVersion), or None for a driver that runs none."""
+        if self.simulated:
+            return None
+        with self._op("reading the hypervisor version"):
+            number = self.conn.getVersion()
+        return number // 1_000_000, number // 1000 % 1000, number % 1000
+
     def detect_accel(self, requested: str = "auto") -> tuple[str, str | None]:
         """'kvm' where the CPU has vmx/svm, /dev/kvm opens (local URIs) and libvirt offers kvm; else 'qemu' (TCG)
         with a warning saying why. Raises VirtError if 'kvm' is requested but unusable."""
