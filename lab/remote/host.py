@@ -152,7 +152,14 @@ class ParamikoHost(Host):
             self.connect()
         limit = timeout or self.default_timeout
         try:
-            stdin, stdout, stderr = self._client.exec_command(line, timeout=limit)
+            try:
+                stdin, stdout, stderr = self._client.exec_command(line, timeout=limit)
+            except TRANSPORT_ERRORS:
+                # The kept connection died while idle (the node was reset, sshd restarted): no session was opened,
+                # so the command never started. One fresh connection; a failure on it is the error below.
+                self.close()
+                self.connect()
+                stdin, stdout, stderr = self._client.exec_command(line, timeout=limit)
             if input is not None:
                 stdin.write(input)
             stdin.channel.shutdown_write()
