@@ -47,11 +47,14 @@ lab: deps libvirtd
 deps: sysdeps venv
 
 # Installs only what is missing, so a rerun is quick.
+# Without KVM, on Debian 12: QEMU and libvirt from bookworm-backports (multi-vCPU TCG guests hang on QEMU < 8.1).
 sysdeps:
 	@bash scripts/apt-ensure.sh $(APT_RUNTIME)
+	@bash scripts/qemu-tcg.sh
 
 sysdeps-test:
 	@bash scripts/apt-ensure.sh $(APT_TEST)
+	@bash scripts/qemu-tcg.sh
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml

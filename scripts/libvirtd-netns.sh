@@ -62,6 +62,26 @@ start() {
     # qemu runs as libvirt-qemu: the pool folders must be searchable by it.
     chmod o+x /var/lib/libvirt /var/lib/libvirt/images
 
+    # A daemon whose binary a package upgrade replaced (scripts/qemu-tcg.sh) would go on running the old libvirt
+    # against the new qemu: virtlogd re-executes itself on SIGUSR1, libvirtd is restarted (guests keep running and
+    # the new libvirtd reattaches to them).
+    local pid where
+    while read -r pid where; do
+        [[ "$where" == inside && "$(readlink "/proc/$pid/exe")" == *" (deleted)" ]] || continue
+        say "virtlogd (pid $pid) runs a replaced binary: re-executing it"
+        kill -USR1 "$pid"
+    done < <(daemon_pids virtlogd)
+    while read -r pid where; do
+        [[ "$where" == inside && "$(readlink "/proc/$pid/exe")" == *" (deleted)" ]] || continue
+        say "libvirtd (pid $pid) runs a replaced binary: restarting it"
+        kill "$pid"
+        local gone=$((SECONDS + 30))
+        while kill -0 "$pid" 2>/dev/null; do
+            ((SECONDS < gone)) || die "libvirtd (pid $pid) did not exit within 30s of SIGTERM"
+            sleep 0.2
+        done
+    done < <(daemon_pids libvirtd)
+
     if running_inside virtlogd; then
         say "virtlogd already runs in $NS"
     else
