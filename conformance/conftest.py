@@ -61,6 +61,7 @@ class Settings:
     lb_min_open_rate: float = DEFAULT_LB_MIN_OPEN_RATE
     lb_max_connect_p99_ms: float = DEFAULT_LB_MAX_CONNECT_P99_MS
     outside_ip: str | None = None
+    time_scale: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
@@ -101,7 +102,11 @@ def pytest_addoption(parser):
                                                           "(default: sized to the lab and nf_conntrack_max)")
     g.addoption("--conntrack-hold", type=float, default=10.0, help="seconds to hold them (default 10)")
     g.addoption("--wait-timeout", type=float, default=300.0, help="deadline for workloads to be ready (s)")
-    g.addoption("--policy-timeout", type=float, default=60.0, help="deadline for policy tables to converge (s)")
+    g.addoption("--policy-timeout", type=float, help="deadline for policy tables to converge (s; default 60, "
+                                                     "times --time-scale)")
+    g.addoption("--time-scale", type=float, help="multiplies the deadlines of every exec and probe in a pod and the "
+                "default --policy-timeout (default: 5 when the --lab spec runs its nodes under TCG, libvirt.accel "
+                "tcg, where everything runs 5-10x slower; else 1)")
     g.addoption("--policy-consecutive", type=int, default=DEFAULT_CONSECUTIVE,
                 help=f"full table matches in a row a policy check needs (default {DEFAULT_CONSECUTIVE})")
     g.addoption("--conntrack-peak", type=int, default=DEFAULT_CONNTRACK_PEAK,
@@ -167,6 +172,7 @@ def _settings(config) -> Settings:
             raise pytest.UsageError(f"--expect-pod-sysctl {item!r}: use NAME=VALUE, e.g. net.core.somaxconn=8192")
         pod_sysctls[name.strip()] = value.strip()
     datapath, relay = _datapath_expectation(opt, lab)
+    scale = _time_scale(opt("--time-scale"), lab)
     probe_image = opt("--probe-image")
     if not probe_image and not os.environ.get(k8s.PROBE_IMAGE_ENV) and lab is not None \
             and lab.kubernetes.source == "bundle":
@@ -180,7 +186,8 @@ def _settings(config) -> Settings:
         tunnel=opt("--tunnel") or (lab.cilium.tunnel_protocol if lab else "vxlan"),
         lb_pool=list(opt("--lb-pool")) or (list(lab.metallb.addresses) if lab else []),
         conntrack_connections=opt("--conntrack-connections"), conntrack_hold=opt("--conntrack-hold"),
-        wait_seconds=opt("--wait-timeout"), policy_seconds=opt("--policy-timeout"),
+        wait_seconds=opt("--wait-timeout"), time_scale=scale,
+        policy_seconds=opt("--policy-timeout") or DEFAULT_POLICY_SECONDS * scale,
         runner_ip=opt("--runner-ip"),  # else derived from the route to the nodes (fixture runner_ip)
         results_dir=Path(opt("--results-dir")), policy_consecutive=opt("--policy-consecutive"),
         conntrack_peak=opt("--conntrack-peak"), failover_seconds=opt("--failover-seconds"),
@@ -188,6 +195,21 @@ def _settings(config) -> Settings:
         append_report=opt("--append-report"), expect_pod_sysctls=pod_sysctls, datapath=datapath,
         hubble_relay=relay, runner_iface=opt("--runner-iface"), outside_ip=opt("--outside-ip"),
         **_lb_load_options(opt))
+
+
+DEFAULT_POLICY_SECONDS = 60.0
+#: --time-scale for a lab whose nodes run under TCG: on the CI cluster one observation of the whole policy table
+#: (240 cells) took 55-72 s, and single probes ran past 60 s while other checks loaded the nodes.
+TCG_TIME_SCALE = 5.0
+
+
+def _time_scale(given: float | None, lab) -> float:
+    if given is not None:
+        if not 0 < given <= 100:
+            raise pytest.UsageError(f"--time-scale {given:g}: use a factor above 0 and at most 100 (e.g. 5 for "
+                                    "nodes under TCG)")
+        return given
+    return TCG_TIME_SCALE if lab is not None and lab.libvirt.accel == "tcg" else 1.0
 
 
 def _failover_by(method: str, lab) -> str:
@@ -407,7 +429,7 @@ def kube(settings) -> k8s.Kube:
 def session(kube, settings):
     """The run's Session: creates namespaces labelled as ours and deletes them at the end, whatever happened."""
     session = k8s.Session(kube, k8s.StreamExecutor(kube), probe_image=settings.probe_image,
-                          wait_seconds=settings.wait_seconds)
+                          wait_seconds=settings.wait_seconds, time_scale=settings.time_scale)
     yield session
     problems = session.cleanup()
     if problems:

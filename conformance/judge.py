@@ -310,6 +310,8 @@ def judge_load(results: list[dict]) -> tuple[dict, list[str]]:
                           "connection at the end of the hold), so no held connection is proven end to end; "
                           f"clients towards {sorted(set(map(str, unverified)))}")
     total["verified"] = sum(int(r["verified"]) for r in results)
+    for key in ("verify_timeouts", "verify_closed"):
+        total[key] = sum(int(r.get(key) or 0) for r in results)
     problems = []
     if total["established"] != total["requested"]:
         problems.append(f"{total['established']} of {total['requested']} connections established")
@@ -321,7 +323,9 @@ def judge_load(results: list[dict]) -> tuple[dict, list[str]]:
         problems.append(f"only {total['held']} of {total['established']} connections stayed open for the hold")
     if total["verified"] < total["established"]:
         problems.append(f"only {total['verified']} of {total['established']} held connections carried a byte "
-                        "end to end at the end of the hold (the datapath forgot or broke the rest)")
+                        "end to end at the end of the hold (the datapath forgot or broke the rest): "
+                        f"{total['verify_timeouts']} unanswered within the verify timeout, "
+                        f"{total['verify_closed']} closed by the peer")
     return total, problems
 
 
@@ -462,7 +466,12 @@ def leaked_cells(expected: TruthTable, observed: TruthTable) -> list[tuple[str, 
 def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds: float, interval: float = 2.0,
                transport_errors: tuple = (Exception,), clock=time.monotonic, sleep=time.sleep,
                consecutive: int = DEFAULT_CONSECUTIVE, enforced: bool = True) -> Convergence:
-    """Observe the WHOLE table until ``consecutive`` observations in a row match, or ``seconds`` pass.
+    """Observe the WHOLE table until ``consecutive`` observations in a row match, or ``seconds`` pass without one.
+
+    ``seconds`` bounds convergence: the time until a streak of matches begins. A streak under way when the deadline
+    passes is observed to its end (at most ``consecutive - 1`` more observations) and fails as soon as one of them
+    does not match: where one observation of the whole table takes about as long as the deadline (240 cells under
+    TCG took 55-72 s against a 60 s deadline), the confirmations would otherwise never fit.
 
     A cell never passes on its own: only complete observations that match count, and any observation that does
     not (or a transport failure: exec error, ERROR verdicts) resets the streak. Every mismatching observation is
@@ -473,6 +482,7 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
     start = clock()
     result = Convergence(False, 0.0, 0, 0, None, "")
     seen_match = False
+    longest = 0
     while True:
         result.polls += 1
         try:
@@ -505,15 +515,16 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
             else:
                 seen_match = True
                 result.streak += 1
+                longest = max(longest, result.streak)
                 if result.streak >= consecutive:
                     result.matched, result.seconds = True, clock() - start
                     result.text = render_diff(expected, table)
                     return result
-        if clock() - start >= seconds:
+        if clock() - start >= seconds and result.streak == 0:
             result.seconds = clock() - start
             text = render_diff(expected, result.last) if result.last is not None else "no complete observation"
             result.text = (f"tables did not match {consecutive} times in a row within {seconds:.0f}s "
-                           f"({result.polls} polls, best streak at the end {result.streak}, "
+                           f"({result.polls} polls, longest streak {longest}, "
                            f"{result.transport_failures} transport failures):\n{text}")
             return result
         sleep(interval)

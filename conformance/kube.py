@@ -291,6 +291,8 @@ class Session:
     executor: Executor
     probe_image: str = PROBE_IMAGE
     wait_seconds: float = 300.0
+    #: multiplies every exec's and probe's deadline (--time-scale): nodes under TCG run everything 5-10x slower
+    time_scale: float = 1.0
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     namespaces: list[str] = field(default_factory=list)
 
@@ -437,11 +439,12 @@ class Session:
 
     def exec(self, namespace: str, pod: str, command: list[str], timeout: float,
              container: str = "probe") -> ExecResult:
-        return self.executor.run(namespace, pod, command, timeout, container)
+        return self.executor.run(namespace, pod, command, timeout * self.time_scale, container)
 
     def netprobe(self, namespace: str, pod: str, args: list[str], timeout: float = 60.0):
         """Run netprobe in a pod; its JSON document, or ProbeFailed when it could not run."""
         where = f"{namespace}/{pod}"
+        timeout *= self.time_scale
         try:
             res = self.executor.run(namespace, pod, ["python3", NETPROBE, *args], timeout)
         except ApiException as exc:

@@ -113,7 +113,8 @@ def observe(kube, node_facts, settings, l2, name: str) -> dict:
                 and (s.get("status") or {}).get("serviceName") == name]
         return (True, mine) if mine else (False, f"no ServiceL2Status for {service} yet")
     try:
-        wait_for(f"a ServiceL2Status for {service}", min(settings.wait_seconds, 60), recorded, interval=1.0)
+        wait_for(f"a ServiceL2Status for {service}", min(settings.wait_seconds, 60 * settings.time_scale), recorded,
+                 interval=1.0)
     except WaitTimeout:
         pass  # judged below: NO_STATUS names it
     nodes = k8s.node_addresses(kube)

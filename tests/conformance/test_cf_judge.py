@@ -147,6 +147,40 @@ def test_a_blocked_cell_is_never_retried_into_a_pass():
     assert "did not match 3 times in a row within 10s" in result.text and "*" in result.text
 
 
+class SlowObserve(Seq):
+    """Each observation takes ``seconds`` of the clock, like a whole table under TCG."""
+    def __init__(self, clock, seconds, *items):
+        super().__init__(*items)
+        self.clock, self.seconds = clock, seconds
+
+    def __call__(self):
+        self.clock.t += self.seconds
+        return super().__call__()
+
+
+def test_a_streak_under_way_at_the_deadline_is_observed_to_its_end():
+    clock = Clock()
+    good = observed("connect_one_allowed_port")
+    result = poll_table(ONE_PORT, SlowObserve(clock, 70, good), 60, clock=clock, sleep=clock.sleep)
+    assert result.matched and result.polls == 3 and result.seconds == 214.0  # 3 x 70 s + 2 intervals
+
+
+def test_a_streak_that_breaks_after_the_deadline_fails():
+    clock = Clock()
+    good = observed("connect_one_allowed_port")
+    result = poll_table(ONE_PORT, SlowObserve(clock, 70, good, good, RuntimeError("exec lost"), good), 60,
+                        transport_errors=(RuntimeError,), clock=clock, sleep=clock.sleep)
+    assert not result.matched and result.polls == 3
+    assert "did not match 3 times in a row within 60s (3 polls, longest streak 2, 1 transport" in result.text
+
+
+def test_no_match_by_the_deadline_fails_even_with_slow_observations():
+    clock = Clock()
+    result = poll_table(ONE_PORT, SlowObserve(clock, 70, RuntimeError("exec lost"), observed("connect_one_allowed_port")),
+                        60, transport_errors=(RuntimeError,), clock=clock, sleep=clock.sleep)
+    assert not result.matched and result.polls == 1 and "no complete observation" in result.text
+
+
 def test_poll_without_any_observation_reports_it():
     clock = Clock()
     result = poll_table(ONE_PORT, Seq(RuntimeError("down")), 4, transport_errors=(RuntimeError,),
@@ -325,7 +359,8 @@ def test_load_with_the_server_dropping_mid_hold_is_held_but_not_verified():
     total, problems = judge_load([doc])
     assert total["held"] == doc["held"] and total["verified"] == doc["verified"] < doc["held"]
     assert problems == [f"only {doc['verified']} of {doc['established']} held connections carried a byte end to "
-                        "end at the end of the hold (the datapath forgot or broke the rest)"]
+                        "end at the end of the hold (the datapath forgot or broke the rest): 300 unanswered within "
+                        "the verify timeout, 0 closed by the peer"]
 
 
 def test_conntrack_counters_rising_are_reported():

@@ -570,7 +570,8 @@ def test_ct_clusterip__server_drops_mid_hold__fails(lab, svc):
     total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, svc.pod2, drop_mid_hold=True)
     assert total["held"] == N and total["verified"] == 0
     assert problems == ["only 0 of %d held connections carried a byte end to end at the end of the hold (the "
-                        "datapath forgot or broke the rest)" % N]
+                        "datapath forgot or broke the rest): %d unanswered within the verify timeout, 0 closed by "
+                        "the peer" % (N, N)]
 
 
 def test_ct_clusterip__peak_over_table__fails(lab, svc):
