@@ -198,6 +198,7 @@ def _settings(config) -> Settings:
 
 
 DEFAULT_POLICY_SECONDS = 60.0
+PREFLIGHT_SECONDS = 10.0  # per preflight request, times --time-scale
 #: --time-scale for a lab whose nodes run under TCG: on the CI cluster one observation of the whole policy table
 #: (240 cells) took 55-72 s, and single probes ran past 60 s while other checks loaded the nodes.
 TCG_TIME_SCALE = 5.0
@@ -295,7 +296,7 @@ def pytest_sessionstart(session):
                              f"{k8s.OWNER_LABEL}=true{': ' + ', '.join(names) if names else ''}; removed "
                              f"{len(taints)} taint(s) left by disruptive checks{': ' + ', '.join(taints) if taints else ''}\n")
             pytest.exit("cleanup done", returncode=0)
-        where = k8s.preflight(kube)
+        where = k8s.preflight(kube, timeout=PREFLIGHT_SECONDS * settings.time_scale)
     except k8s.PreflightError as exc:
         sys.stderr.write(f"\nERROR: conformance preflight failed, no check was run:\n  {exc}\n\n")
         pytest.exit("conformance preflight failed", returncode=PREFLIGHT_EXIT)

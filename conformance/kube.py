@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, TypeVar
 
 import tenacity
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
@@ -182,7 +183,8 @@ def _response_message(response) -> str:
 
 
 def preflight(kube: Kube, timeout: float = 10.0) -> str:
-    """Reachability, credentials, permissions, nodes. Returns e.g. 'v1.37.0 (3 nodes)'; raises PreflightError."""
+    """Reachability, credentials, permissions, nodes. Returns e.g. 'v1.37.0 (3 nodes)'; raises PreflightError, also
+    when the API server stops answering part-way (each request waits ``timeout`` seconds)."""
     server = kube.api.configuration.host
     try:
         version = kube.version.get_code(_request_timeout=timeout).git_version
@@ -195,17 +197,25 @@ def preflight(kube: Kube, timeout: float = 10.0) -> str:
         raise PreflightError(f"cannot reach the API server at {server}: {_short(exc)}",
                              "is the cluster up (`lab status`)? is this the right kubeconfig?") from None
     missing = []
-    for verb, group, resource, sub in REQUIRED_ACCESS:
-        review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=client.V1ResourceAttributes(verb=verb, group=group, resource=resource,
-                                                            subresource=sub or None)))
-        result = kube.auth.create_self_subject_access_review(review, _request_timeout=timeout)
-        if not result.status.allowed:
-            missing.append(f"{verb} {resource}{'/' + sub if sub else ''}")
+    try:
+        for verb, group, resource, sub in REQUIRED_ACCESS:
+            review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(verb=verb, group=group, resource=resource,
+                                                                subresource=sub or None)))
+            result = kube.auth.create_self_subject_access_review(review, _request_timeout=timeout)
+            if not result.status.allowed:
+                missing.append(f"{verb} {resource}{'/' + sub if sub else ''}")
+        nodes = None if missing else kube.core.list_node(_request_timeout=timeout).items
+    except ApiException as exc:
+        raise PreflightError(f"the API server at {server} answered {exc.status} {exc.reason} during the preflight") \
+            from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise PreflightError(f"the API server at {server} answered its version, then not within {timeout:.0f}s: "
+                             f"{_short(exc)}", "a busy control plane (under TCG: pass --time-scale, or wait and "
+                             "rerun)") from None
     if missing:
         raise PreflightError(f"missing permissions on {server}: {', '.join(missing)}",
                              "run the suite as a cluster admin (the lab's kubeconfig is one)")
-    nodes = kube.core.list_node(_request_timeout=timeout).items
     if not nodes:
         raise PreflightError(f"the cluster at {server} has no nodes", "wait for `lab up` to finish")
     return f"{version} ({len(nodes)} nodes)"

@@ -95,6 +95,7 @@ class ApiDouble:
         self.exec_handler = lambda ns, pod, container, command: (1, b"", b"no exec handler in the test\n")
         self.requests: list[tuple[str, str]] = []              # (method, path) log, for assertions
         self.faults: list[dict] = []                           # scripted transient answers, see fail()
+        self.stalls: dict[str, float] = {}                     # path -> seconds before answering (a busy server)
         self.lock = threading.RLock()
         self._rv = itertools.count(1)
         self.server: ThreadingHTTPServer | None = None
@@ -231,6 +232,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         query = parse_qs(url.query)
         self.api.requests.append((method, url.path))
+        if url.path in self.api.stalls:
+            time.sleep(self.api.stalls[url.path])
         if not self._authorized():
             return
         if url.path.rstrip("/") == "/version":

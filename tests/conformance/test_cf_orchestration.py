@@ -52,6 +52,14 @@ def test_preflight_unreachable(tmp_path, double):
         k8s.preflight(k8s.connect(path))
 
 
+def test_preflight_api_server_stalling_after_its_version_is_a_preflight_error(double, kubeconfig):
+    """Seen on the CI cluster: /version answered, an access review then timed out (urllib3 ReadTimeoutError) and
+    pytest ended in an INTERNALERROR instead of the preflight's one clear error."""
+    double.stalls["/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"] = 1.5
+    with pytest.raises(k8s.PreflightError, match=r"answered its version, then not within 1s: .*timed out"):
+        k8s.preflight(k8s.connect(kubeconfig), timeout=1.0)
+
+
 def test_preflight_missing_permissions_listed(double, kubeconfig):
     double.deny("create", "pods/exec")
     double.deny("patch", "nodes")
