@@ -36,6 +36,7 @@ from conformance.world import (EXTERNAL_PORTS, NAMED_PORTS, PODS_PER_NAMESPACE, 
 
 pytestmark = [pytest.mark.xdist_group("default_deny"), pytest.mark.datapath("observe")]
 
+CONNECT_SECONDS = 2.0  # netprobe connect's wait per cell, times --time-scale
 NAMESPACE_PREFIX = {"frontend": "dd-a", "backend": "dd-b", "client": "dd-c"}
 
 
@@ -118,9 +119,13 @@ def _reach(session, handle, ip: str, port: int, explicit: bool) -> str:
 def observe(session, world: World) -> TruthTable:
     """One complete observation: every source probes its targets at the same time (netprobe connect; kube-dns
     with a real DNS query, ``/dns`` and ``/dns-tcp``). Any probe that could not run fails the whole observation."""
+    # Each connect's wait grows with --time-scale: on the TCG cluster under load a probe in a pod reported its 2 s
+    # timeouts 3-5.7 s late, so a reachable cell could be judged "timeout".
+    connect_seconds = CONNECT_SECONDS * session.time_scale
+
     def probe(source):
         ns, pod = world.handles[source]
-        return source, session.netprobe(ns, pod, world.connect_args(source), timeout=60)
+        return source, session.netprobe(ns, pod, world.connect_args(source, connect_seconds), timeout=60)
 
     return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in world.sources])))
 
