@@ -104,7 +104,7 @@ def _run(session, node: str, pod: str, command: list[str], timeout: float = 60.0
                           f"{exc.status} {exc.reason}") from None
     if res.rc is None:
         raise NotMeasured(f"{node}: `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} did not finish within "
-                          f"{timeout * getattr(session, 'time_scale', 1.0):.0f}s")
+                          f"{session.deadline(timeout):.0f}s")
     if res.rc != 0:
         raise NotMeasured(f"{node}: `{' '.join(command)[:80]}` in {AGENT_NS}/{pod} failed (exit {res.rc}): "
                           f"{(res.stderr or res.stdout).strip()[:300] or 'no output'}")

@@ -447,14 +447,18 @@ class Session:
 
     # ---- probes
 
+    def deadline(self, seconds: float) -> float:
+        """A deadline for work in a pod, scaled by --time-scale."""
+        return seconds * self.time_scale
+
     def exec(self, namespace: str, pod: str, command: list[str], timeout: float,
              container: str = "probe") -> ExecResult:
-        return self.executor.run(namespace, pod, command, timeout * self.time_scale, container)
+        return self.executor.run(namespace, pod, command, self.deadline(timeout), container)
 
     def netprobe(self, namespace: str, pod: str, args: list[str], timeout: float = 60.0):
         """Run netprobe in a pod; its JSON document, or ProbeFailed when it could not run."""
         where = f"{namespace}/{pod}"
-        timeout *= self.time_scale
+        timeout = self.deadline(timeout)
         try:
             res = self.executor.run(namespace, pod, ["python3", NETPROBE, *args], timeout)
         except ApiException as exc:

@@ -61,7 +61,7 @@ def run_load(session, ns, clients: dict, address: str, total: int, hold: float) 
 
     # The verify byte's wait grows with --time-scale: under TCG one client's echo round over 1,000 held connections
     # is slow, and an unanswered byte counts against the datapath.
-    verify = f"{VERIFY_SECONDS * session.time_scale:g}"
+    verify = f"{session.deadline(VERIFY_SECONDS):g}"
 
     def one(pod, n):
         return session.netprobe(ns, pod, ["load", "--to", address, "--connections", str(n), "--rate", "5000",

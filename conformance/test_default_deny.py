@@ -121,7 +121,7 @@ def observe(session, world: World) -> TruthTable:
     with a real DNS query, ``/dns`` and ``/dns-tcp``). Any probe that could not run fails the whole observation."""
     # Each connect's wait grows with --time-scale: on the TCG cluster under load a probe in a pod reported its 2 s
     # timeouts 3-5.7 s late, so a reachable cell could be judged "timeout".
-    connect_seconds = CONNECT_SECONDS * session.time_scale
+    connect_seconds = session.deadline(CONNECT_SECONDS)
 
     def probe(source):
         ns, pod = world.handles[source]
