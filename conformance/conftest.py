@@ -4,6 +4,7 @@ Run ``pytest conformance --lab labs/default.yaml`` (kubeconfig from the lab) or 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -363,12 +364,32 @@ def not_measured(exc: BaseException) -> bool:
     return is_transport_error(exc) and not isinstance(exc, WaitTimeout)
 
 
+def scale_hang_guard(config, items, scale: float) -> float | None:
+    """pytest-timeout's limit (`-o timeout=N` / `--timeout N`: a guard against hangs, never a judged bound) grows
+    with --time-scale like every other deadline of work in the cluster: each check without its own
+    `timeout` marker gets one of N x scale. Returns the scaled limit (None: no limit set, or scale 1)."""
+    given = config.getoption("timeout", None)
+    if given is None:
+        try:
+            given = config.getini("timeout")
+        except ValueError:  # pytest-timeout not installed: nothing to scale
+            return None
+    base = float(given or 0)
+    if base <= 0 or scale == 1:
+        return None
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(base * scale))
+    return base * scale
+
+
 def pytest_collection_modifyitems(config, items):
     """Disruptive checks (node taints) evict other checks' pods: they run in their own serial stage, last.
 
     Serial run: they are moved after every other check. Under xdist, where ordering across workers is not
     guaranteed, a disruptive check collected alongside others is SKIPPED with the reason (a skip is never a pass):
     `make conformance` runs `-m "not disruptive"` in parallel, then `-m disruptive --append-report` serially."""
+    scale_hang_guard(config, items, config.stash[SETTINGS].time_scale)
     disruptive = [i for i in items if i.get_closest_marker("disruptive")]
     others = [i for i in items if not i.get_closest_marker("disruptive")]
     if not disruptive or not others:
@@ -602,7 +623,8 @@ def check_runner_reachable(session, ip: str, node: str) -> None:
         ns = session.namespace("runner")
         session.probe_pod(ns, "reach", {"app": "reach"}, node=node)
         session.wait_pods_ready(ns, "app=reach", 1, "to probe the runner")
-        [row] = session.netprobe(ns, "reach", ["connect", "--timeout", "3", "--to", f"{ip}:{port}/tcp"])
+        [row] = session.netprobe(ns, "reach", ["connect", "--timeout", f"{session.deadline(3):g}",
+                                           "--to", f"{ip}:{port}/tcp"])
     finally:
         runner.stop()
     if row.get("verdict") != "connected":
@@ -636,6 +658,44 @@ def datapath_lock_path(config) -> Path:
     return Path(tempfile.gettempdir()) / f"kvmlab-conformance-{uid}.datapath.lock"
 
 
+_LOCK_HELD = [0]  # this process's depth inside datapath_lock (fixtures set up inside a module's world nest)
+
+
+@contextlib.contextmanager
+def datapath_lock(config, kind: str):
+    """Take the run's datapath lock: "load" exclusively, "observe" shared, across xdist workers. Re-entrant
+    within a process (a module fixture requesting another sets up inside the first one's hold)."""
+    if _LOCK_HELD[0]:
+        _LOCK_HELD[0] += 1
+        try:
+            yield
+        finally:
+            _LOCK_HELD[0] -= 1
+        return
+    import fcntl
+    with open(datapath_lock_path(config), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if kind == "load" else fcntl.LOCK_SH)
+        _LOCK_HELD[0] = 1
+        try:
+            yield
+        finally:
+            _LOCK_HELD[0] = 0
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A module's world (its pods started and made ready on the nodes: image, sandbox, Cilium endpoint) is built
+    under the module's datapath lock as well, so no other worker's load runs while the nodes do that work, and a
+    load module's world waits for the observers."""
+    marker = request.node.get_closest_marker("datapath") if fixturedef.scope == "module" else None
+    if marker is None:
+        yield
+        return
+    with datapath_lock(request.config, marker.args[0]):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _datapath_lock(request):
     """Load never overlaps MTU, latency or policy observation on the nodes: `datapath("load")` takes the lock
@@ -644,11 +704,5 @@ def _datapath_lock(request):
     if marker is None:
         yield
         return
-    import fcntl
-    kind = marker.args[0]
-    with open(datapath_lock_path(request.config), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if kind == "load" else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with datapath_lock(request.config, marker.args[0]):
+        yield

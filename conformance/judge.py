@@ -310,13 +310,27 @@ def judge_load(results: list[dict]) -> tuple[dict, list[str]]:
                           "connection at the end of the hold), so no held connection is proven end to end; "
                           f"clients towards {sorted(set(map(str, unverified)))}")
     total["verified"] = sum(int(r["verified"]) for r in results)
-    for key in ("verify_timeouts", "verify_closed"):
+    for key in ("verify_timeouts", "verify_closed", "not_opened", "unfinished"):
         total[key] = sum(int(r.get(key) or 0) for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for name, count in (r.get("errors") or {}).items():
+            errors[str(name)] = errors.get(str(name), 0) + int(count)
+    total["errors"] = errors
+    if total["not_opened"] or total["unfinished"]:
+        behind = [f"{r.get('to', '?')}: {int(r.get('not_opened') or 0)} never opened, "
+                  f"{int(r.get('unfinished') or 0)} still connecting" for r in results
+                  if r.get("not_opened") or r.get("unfinished")]
+        raise NotMeasured(f"a load client fell behind its own schedule ({'; '.join(behind)}) when its opening "
+                          "window (N/rate + --timeout + --open-slack) closed: the client was starved, so those "
+                          "connections say nothing about the datapath. Give it more time (--time-scale) or "
+                          "fewer connections")
     problems = []
     if total["established"] != total["requested"]:
         problems.append(f"{total['established']} of {total['requested']} connections established")
     if total["failed"]:
-        problems.append(f"{total['failed']} connections failed ({total['timeouts']} timeouts)")
+        detail = ", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "no error recorded"
+        problems.append(f"{total['failed']} connections failed ({total['timeouts']} timeouts; errors: {detail})")
     if total["resets"]:
         problems.append(f"{total['resets']} connections reset while held")
     if total["held"] < total["established"]:

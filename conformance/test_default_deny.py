@@ -106,7 +106,8 @@ def _reach(session, handle, ip: str, port: int, explicit: bool) -> str:
     """"" when a probe pod connects to ext/c2's address; else why it is left out (an explicit --outside-ip that pods
     cannot reach is an error, not a skip)."""
     ns, pod = handle
-    [row] = session.netprobe(ns, pod, ["connect", "--timeout", "3", "--to", f"{ip}:{port}/tcp"])
+    [row] = session.netprobe(ns, pod, ["connect", "--timeout", f"{session.deadline(3):g}",
+                                       "--to", f"{ip}:{port}/tcp"])
     if row.get("verdict") == "connected":
         return ""
     why = (f"a pod cannot reach {ip}:{port} ({row.get('verdict')}): this host's firewall drops pod traffic to that "

@@ -15,6 +15,8 @@ from conformance.pod_tuning import (NODE_RP_FILTER_SCRIPT, POD_RP_FILTER_KEYS, j
                                     judge_pod_rp_filter, judge_pod_sysctls, parse_rp_filter_lines)
 from lab.sysctl import parse_values, read_command
 
+pytestmark = pytest.mark.datapath("observe")  # starts pods on every node: never while load is held
+
 
 @pytest.fixture(scope="module")
 def tuning_pods(session, kube):

@@ -351,7 +351,7 @@ def test_load_healthy_and_limited():
     total, problems = judge_load([fixture("load_healthy"), fixture("load_conn_limited")])
     assert "500 of 1500" not in " ".join(problems)  # summed over clients
     assert problems[0].startswith(f"{total['established']} of {total['requested']} connections established")
-    assert "1000 connections failed (1000 timeouts)" in problems
+    assert "1000 connections failed (1000 timeouts; errors: ETIMEDOUT 1000)" in problems
 
 
 def test_load_with_the_server_dropping_mid_hold_is_held_but_not_verified():

@@ -130,6 +130,17 @@ def test_findings_from_the_captured_observation():
     assert cluster_path_findings(on_announcer, seen)[1][0].startswith("the backend runs on node1")
 
 
+def test_findings_judge_the_announcer_that_handled_the_observation():
+    """MetalLB moved the VIP onto the backend's node after the world was built: the observation's own announcer
+    is judged (the path no longer crosses nodes) and the one before is recorded."""
+    w, (_, got) = answers()
+    w.announcer_moves.append("node2 -> node1")
+    record, problems = cluster_path_findings(w, SimpleNamespace(answers=got, announcer="node2"))
+    assert record["announcing_node"] == "node2" and record["announcer_before_the_check"] == "node1"
+    assert record["announcer_moves"] == ["node2 -> node1"]
+    assert problems[0].startswith("the backend runs on node2, the node announcing the VIP")
+
+
 # ---------------------------------------------------------------------------------------------- observation and checks
 
 
@@ -179,7 +190,7 @@ def test_runner_network_is_the_lab_network_holding_the_runner():
 def test_load_args_target_the_tcp_port():
     assert load_args(CLUSTER_VIP, 1000, 1000.0, 10.0) == [
         "load", "--to", f"{CLUSTER_VIP}:81", "--connections", "1000", "--rate", "1000", "--hold", "10",
-        "--timeout", "5"]
+        "--timeout", "5", "--verify-timeout", "5", "--open-slack", "30"]
 
 
 def test_open_rate_and_p99_against_the_bounds_on_real_load():

@@ -46,3 +46,49 @@ def test_session_scales_exec_and_probe_deadlines_and_names_the_scaled_one():
     with pytest.raises(k8s.ProbeFailed, match=r"netprobe facts in ns/pod did not finish within 300s"):
         session.netprobe("ns", "pod", ["facts"], timeout=60)
     assert executor.timeouts == [300.0, 300.0]
+
+
+class FakeConfig:
+    def __init__(self, option, ini):
+        self.option, self.ini = option, ini
+
+    def getoption(self, name, default=None):
+        return self.option if name == "timeout" else default
+
+    def getini(self, name):
+        if name != "timeout":
+            raise ValueError(name)
+        return self.ini
+
+
+class FakeItem:
+    def __init__(self, marked: float | None = None):
+        self.markers = [pytest.mark.timeout(marked).mark] if marked is not None else []
+
+    def get_closest_marker(self, name):
+        return next((m for m in self.markers if m.name == name), None)
+
+    def add_marker(self, marker):
+        self.markers.append(marker.mark)
+
+
+def test_hang_guard_scales_the_ini_limit_and_keeps_a_checks_own_marker():
+    from conformance.conftest import scale_hang_guard
+    plain, own = FakeItem(), FakeItem(marked=42)
+    assert scale_hang_guard(FakeConfig(None, "1800"), [plain, own], TCG_TIME_SCALE) == 1800 * TCG_TIME_SCALE
+    assert plain.get_closest_marker("timeout").args == (1800 * TCG_TIME_SCALE,)
+    assert own.get_closest_marker("timeout").args == (42,)
+
+
+@pytest.mark.parametrize("option,ini,scale", [(None, "0", 5.0), (None, "", 5.0), (None, "1800", 1.0)])
+def test_hang_guard_leaves_no_limit_and_scale_one_alone(option, ini, scale):
+    from conformance.conftest import scale_hang_guard
+    item = FakeItem()
+    assert scale_hang_guard(FakeConfig(option, ini), [item], scale) is None
+    assert item.get_closest_marker("timeout") is None
+
+
+def test_hang_guard_command_line_limit_wins_over_the_ini():
+    from conformance.conftest import scale_hang_guard
+    item = FakeItem()
+    assert scale_hang_guard(FakeConfig(600.0, "1800"), [item], 2.0) == 1200.0

@@ -1,6 +1,8 @@
 """`load` held connections through a DNAT service, a connection-limit fault, and `facts` on real namespaces."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,3 +124,31 @@ def test_facts_reads_sysctls_interfaces_and_conntrack_in_a_netns(lab):
     assert facts["conntrack"]["count"] == 0 and facts["conntrack"]["max"] > 0
     assert set(facts["conntrack"]["stat"]) >= {"found", "invalid", "insert_failed", "drop", "early_drop"}
     assert set(facts["ip_fragments"]) >= {"FragCreates", "FragFails", "ReasmReqds", "ReasmOKs"}
+
+
+def test_load_counts_what_a_starved_client_left_apart_from_timeouts(lab, service):
+    """The client itself is stopped (SIGSTOP, as a CPU-starved pod on a loaded node) while it opens: when it runs
+    again its opening window has closed, and what it could not open or finish counts as `not_opened` /
+    `unfinished`, never as a datapath timeout; judge_load calls that NotMeasured, not a verdict."""
+    from conformance.judge import NotMeasured, judge_load
+    n = 400
+    proc = lab.spawn(service.pod1, [sys.executable, str(NETPROBE)] + load_args(n, timeout="1", hold="1")
+                     + ["--rate", "100", "--open-slack", "0", "--workers", "1"])
+    time.sleep(1.5)  # it has opened some (100/s after start-up); the window closes at 4 s + 1 s
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True)
+    pids = [int(p) for p in workers.stdout.split()]  # netprobe load forks its workers
+    assert pids, "no load worker to stop"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(6)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    capture("load_client_starved", result)
+    assert result["not_opened"] > 0, result
+    assert result["timeouts"] == 0, result  # the server answered every SYN it was sent
+    assert result["established"] + result["not_opened"] + result["unfinished"] == n
+    with pytest.raises(NotMeasured, match="fell behind"):
+        judge_load([result])
