@@ -148,8 +148,9 @@ def run_policy_check(check: PolicyCheck, apply: Callable[[list[dict]], int], obs
                      barrier: EnforcementBarrier, drop_source: DropSource | None, seconds: float,
                      consecutive: int = DEFAULT_CONSECUTIVE, transport_errors: tuple = (Exception,),
                      interval: float = 2.0, clock=time.monotonic, sleep=time.sleep, wall=time.time,
-                     unavailable: str = "") -> CheckResult:
-    """The one runner. ``apply(manifests)`` replaces the policies and returns how many objects changed."""
+                     unavailable: str = "", reprobe=None) -> CheckResult:
+    """The one runner. ``apply(manifests)`` replaces the policies and returns how many objects changed;
+    ``reprobe(cells)`` (optional) probes some cells again: see poll_table."""
     result = CheckResult(False, "")
     mark = barrier.mark()
     changed = apply([])
@@ -157,7 +158,7 @@ def run_policy_check(check: PolicyCheck, apply: Callable[[list[dict]], int], obs
     result.barrier.append(f"baseline: {b.text}")
     # The baseline has only CONNECTED expectations: polling it cannot turn a denial into a pass.
     result.baseline = poll_table(check.baseline, observe, seconds, interval, transport_errors, clock, sleep,
-                                 consecutive=1, enforced=True)
+                                 consecutive=1, enforced=True, reprobe=reprobe)
     failed = baseline_failures(check, result.baseline.last)
     if failed or result.baseline.last is None:
         result.text = (f"{check.name}: baseline failed, so no denial can be judged: {len(failed)} cell(s) the policy "
@@ -170,7 +171,7 @@ def run_policy_check(check: PolicyCheck, apply: Callable[[list[dict]], int], obs
     b = barrier.wait(mark, changed, seconds)
     result.barrier.append(f"policies: {b.text}")
     result.enforced = poll_table(check.expected, observe, seconds, interval, transport_errors, clock, sleep,
-                                 consecutive=consecutive, enforced=b.passed)
+                                 consecutive=consecutive, enforced=b.passed, reprobe=reprobe)
     problems = [] if result.enforced.matched else [result.enforced.text]
     if result.enforced.matched and check.blocked_cells():
         drops = None
@@ -197,3 +198,4 @@ def measure_policy_result(measure: Callable[[str, object], None], check: PolicyC
         measure("policy_converge_seconds", round(result.enforced.seconds, 1))
         measure("policy_polls", result.enforced.polls)
         measure("transport_failures_retried", result.enforced.transport_failures)
+        measure("cells_recovered_on_reprobe", result.enforced.recovered_on_reprobe)

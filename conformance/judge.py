@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from conformance.expect import (TRANSPORT_FAILURES, Expect, Target, TruthTable, Verdict, cell_id, mismatches,
+from conformance.expect import (BLOCKED_VERDICTS, TRANSPORT_FAILURES, Expect, Target, TruthTable, Verdict, cell_id, mismatches,
                                render_diff)
 from lab.sysctl import normalize
 from lab.table import render_table
@@ -460,12 +460,18 @@ class Convergence:
     streak: int = 0                                          # consecutive full matches at the end
     mismatched: list[dict] = field(default_factory=list)     # every observation that did not match, for the report
     leaks: dict[str, list[int]] = field(default_factory=dict)  # cell id -> polls where a BLOCKED cell connected
+    reprobed: list[dict] = field(default_factory=list)       # per poll: allowed cells probed again, and how
 
     def record(self) -> dict:
-        """What the JSON report keeps: poll count, streak, every mismatching observation, every leak."""
+        """What the JSON report keeps: poll count, streak, every mismatching observation, every leak, every
+        re-probe of an allowed cell."""
         return {"matched": self.matched, "polls": self.polls, "streak": self.streak,
                 "transport_failures": self.transport_failures, "mismatched_observations": self.mismatched,
-                "leaks": self.leaks}
+                "leaks": self.leaks, "reprobed": self.reprobed}
+
+    @property
+    def recovered_on_reprobe(self) -> int:
+        return sum(len(r["recovered"]) for r in self.reprobed)
 
 
 DEFAULT_CONSECUTIVE = 3
@@ -477,9 +483,35 @@ def leaked_cells(expected: TruthTable, observed: TruthTable) -> list[tuple[str, 
             if exp is Expect.BLOCKED and observed.get(s, t) is Verdict.CONNECTED]
 
 
+def lost_allowed_cells(expected: TruthTable, observed: TruthTable) -> list[tuple[str, Target]]:
+    """Cells expected CONNECTED that got no answer at all (timeout, unreachable): a lost packet or a dropped flow;
+    never a leak, a refusal or a reset."""
+    return [(s, t) for s, t in mismatches(expected, observed)
+            if expected.get(s, t) is Expect.CONNECTED and observed.get(s, t) in BLOCKED_VERDICTS]
+
+
+def reprobe_lost(expected: TruthTable, table: TruthTable, reprobe, transport_errors: tuple, poll: int) -> dict | None:
+    """Probe once more, at once, the allowed cells this observation lost; the ones that connect now count as
+    connected in it. Returns the record ({poll, recovered, still}) or None when nothing was lost."""
+    lost = lost_allowed_cells(expected, table)
+    if not lost:
+        return None
+    try:
+        again = reprobe(lost)
+    except transport_errors as exc:
+        return {"poll": poll, "recovered": [], "still": [cell_id(s, t) for s, t in lost],
+                "transport_error": str(exc)[:300]}
+    recovered = [(s, t) for s, t in lost if again.get(s, t) is Verdict.CONNECTED]
+    for s, t in recovered:
+        table.set(s, t, Verdict.CONNECTED)
+    return {"poll": poll, "recovered": [cell_id(s, t) for s, t in recovered],
+            "still": [cell_id(s, t) for s, t in lost if (s, t) not in recovered]}
+
+
 def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds: float, interval: float = 2.0,
                transport_errors: tuple = (Exception,), clock=time.monotonic, sleep=time.sleep,
-               consecutive: int = DEFAULT_CONSECUTIVE, enforced: bool = True) -> Convergence:
+               consecutive: int = DEFAULT_CONSECUTIVE, enforced: bool = True,
+               reprobe: Callable[[list[tuple[str, Target]]], TruthTable] | None = None) -> Convergence:
     """Observe the WHOLE table until ``consecutive`` observations in a row match, or ``seconds`` pass without one.
 
     ``seconds`` bounds convergence: the time until a streak of matches begins. A streak under way when the deadline
@@ -492,6 +524,11 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
     recorded. A BLOCKED cell observed CONNECTED is a leak and ends the poll as a failure at once -- never retried
     into a pass -- when ``enforced`` (the enforcement barrier passed before the first poll); without a barrier
     (``enforced=False``) leaks before the first full match are enforcement lag (recorded), later ones fail.
+
+    With ``reprobe(cells) -> table``, the allowed cells an observation lost (no answer: timeout, unreachable) are
+    probed once more at once and count as connected when they connect then: on a loaded node one probe's packets
+    can be lost (a UDP echo, a CoreDNS replica restarting) without any policy saying so. Only that direction is
+    re-probed: a blocked cell that connected is a leak and never probed again. Every re-probe is recorded.
     """
     start = clock()
     result = Convergence(False, 0.0, 0, 0, None, "")
@@ -506,6 +543,10 @@ def poll_table(expected: TruthTable, observe: Callable[[], TruthTable], seconds:
             result.streak = 0
             result.mismatched.append({"poll": result.polls, "transport_error": str(exc)[:300]})
             table = None
+        if table is not None and reprobe is not None:
+            again = reprobe_lost(expected, table, reprobe, transport_errors, result.polls)
+            if again is not None:
+                result.reprobed.append(again)
         if table is not None:
             result.last = table
             bad = mismatches(expected, table)

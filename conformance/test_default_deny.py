@@ -131,6 +131,22 @@ def observe(session, world: World) -> TruthTable:
     return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in world.sources])))
 
 
+def reprobe(session, world: World, cells: list) -> TruthTable:
+    """Those cells probed again, each source at once for its cells (poll_table's re-probe of lost allowed cells);
+    cells not probed stay unset."""
+    connect_seconds = session.deadline(CONNECT_SECONDS)
+    by_source: dict[str, set] = {}
+    for source, target in cells:
+        by_source.setdefault(source, set()).add(target)
+
+    def probe(source):
+        ns, pod = world.handles[source]
+        args = world.connect_args(source, connect_seconds, only=by_source[source])
+        return source, session.netprobe(ns, pod, args, timeout=60)
+
+    return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in by_source])))
+
+
 def apply(kube, world: World, manifests: list[dict]) -> int:
     """Replace the policies in the protected namespaces; returns how many objects were deleted or created."""
     return policies.replace_policies(kube, world.protected, manifests)
@@ -150,7 +166,8 @@ def _run_step(session, kube, world, settings, measure, warn, enforcement, name, 
         warn(note)
     result = run_policy_check(check, lambda m: apply(kube, world, m), lambda: observe(session, world), barrier,
                               drops, settings.policy_seconds, consecutive=settings.policy_consecutive,
-                              transport_errors=(k8s.ProbeFailed,), unavailable=why)
+                              transport_errors=(k8s.ProbeFailed,), unavailable=why,
+                              reprobe=lambda cells: reprobe(session, world, cells))
     counts = placement_counts(check.expected)
     measure("cells_same_node", counts.get(SAME_NODE, 0))
     measure("cells_cross_node", counts.get(CROSS_NODE, 0))

@@ -107,10 +107,11 @@ class World:
             return any(p.id == target.id for p in self.pods)
         return True
 
-    def connect_args(self, source: str, timeout: float = 2, *extra: str) -> list[str]:
+    def connect_args(self, source: str, timeout: float = 2, *extra: str, only: set | None = None) -> list[str]:
+        """`netprobe connect` for every target ``source`` probes (``only``: those targets among them)."""
         args = ["connect", "--timeout", f"{timeout:g}", "--parallel", "64", *extra]
         for t in self.targets:
-            if self.probed(source, t):
+            if self.probed(source, t) and (only is None or t in only):
                 to = self.address_of[t]
                 args += ["--to", to if "/" in to else f"{to}/{t.proto.lower()}"]
         return args

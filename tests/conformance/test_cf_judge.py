@@ -181,6 +181,49 @@ def test_no_match_by_the_deadline_fails_even_with_slow_observations():
     assert not result.matched and result.polls == 1 and "no complete observation" in result.text
 
 
+class Reprobe:
+    """poll_table's re-probe: records the cells asked for, answers with the given observation."""
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def __call__(self, cells):
+        self.asked.append(sorted(str(t) for _, t in cells))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_lost_allowed_cell_probed_again_counts_when_it_connects():
+    want = expect({POD2_8080})
+    again = Reprobe(observed("connect_one_allowed_port"))  # 8080 answers now
+    clock = Clock()
+    result = poll_table(want, Seq(observed("connect_default_deny_ingress")), 60, clock=clock, sleep=clock.sleep,
+                        consecutive=1, reprobe=again)
+    assert again.asked == [[str(POD2_8080)]]  # only the allowed cell that got no answer
+    assert result.matched and result.recovered_on_reprobe == 1
+    assert result.reprobed == [{"poll": 1, "recovered": [f"{SRC}->{POD2_8080}"], "still": []}]
+
+
+def test_a_lost_allowed_cell_lost_again_stays_a_mismatch():
+    want = expect({POD2_8080})
+    clock = Clock()
+    result = poll_table(want, Seq(observed("connect_default_deny_ingress")), 4, clock=clock, sleep=clock.sleep,
+                        consecutive=1, reprobe=Reprobe(observed("connect_default_deny_ingress")))
+    assert not result.matched and result.recovered_on_reprobe == 0
+    assert result.reprobed[0]["still"] == [f"{SRC}->{POD2_8080}"]
+    result = poll_table(want, Seq(observed("connect_default_deny_ingress")), 4, clock=clock, sleep=clock.sleep,
+                        consecutive=1, transport_errors=(RuntimeError,), reprobe=Reprobe(RuntimeError("exec lost")))
+    assert not result.matched and result.reprobed[0]["transport_error"] == "exec lost"
+
+
+def test_a_leak_is_never_probed_again():
+    again = Reprobe(observed("connect_one_allowed_port"))
+    clock = Clock()
+    result = poll_table(ONE_PORT, Seq(observed("connect_healthy")), 60, clock=clock, sleep=clock.sleep,
+                        consecutive=1, enforced=True, reprobe=again)
+    assert not result.matched and result.leaks and again.asked == [] and result.reprobed == []
+
+
 def test_poll_without_any_observation_reports_it():
     clock = Clock()
     result = poll_table(ONE_PORT, Seq(RuntimeError("down")), 4, transport_errors=(RuntimeError,),
