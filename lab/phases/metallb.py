@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import yaml
+
 from lab.errors import LabError
 from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import (API_BUSY, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_rolled_out,
                         kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
-from lab.render.metallb import (API, NAMESPACE, WEBHOOK_CONFIGURATION, emulated_probe_patches,
-                                emulated_webhook_timeout_patch, l2_name, metallb_documents, native_manifest_url,
-                                pool_addresses, pool_name, render_metallb)
+from lab.render.metallb import (API, MEMBERLIST_ANNOTATION, MEMBERLIST_CONFIGMAP, NAMESPACE, WEBHOOK_CONFIGURATION,
+                                emulated_memberlist_configmap, emulated_probe_patches, emulated_webhook_timeout_patch,
+                                l2_name, memberlist_annotation_patch, memberlist_checksum, metallb_documents,
+                                native_manifest_url, pool_addresses, pool_name, render_metallb)
 from lab.wait import api_starting, matches_any, wait_for
 
 if TYPE_CHECKING:
     from lab.phase import Context
 
 CONFIG_PATH = f"{LAB_DIR}/metallb.yaml"
+MEMBERLIST_PATH = f"{LAB_DIR}/metallb-memberlist.yaml"
 WEBHOOK_SERVICE = "metallb-webhook-service"
 
 #: Apply failures while the webhook is not serving yet (MetalLB's documented race): retried until the deadline.
@@ -68,6 +72,22 @@ def pool_applied(kubeconfig: str, lab) -> bool:
             and l2["spec"].get("ipAddressPools") == metallb_documents(lab)[1]["spec"]["ipAddressPools"])
 
 
+def memberlist_applied(kubeconfig: str, lab) -> bool:
+    """Without a memberlist file to render: always. Else the ConfigMap holds it and the speakers' pod template
+    carries its checksum (they restarted with it)."""
+    from kubernetes import client
+
+    want = emulated_memberlist_configmap(lab)
+    if want is None:
+        return True
+    api = api_client(kubeconfig)
+    cm = client.CoreV1Api(api).read_namespaced_config_map(MEMBERLIST_CONFIGMAP, NAMESPACE, _request_timeout=10)
+    ds = client.AppsV1Api(api).read_namespaced_daemon_set("speaker", NAMESPACE, _request_timeout=10)
+    annotations = ds.spec.template.metadata.annotations or {}
+    return ((cm.data or {}) == want["data"]
+            and annotations.get(MEMBERLIST_ANNOTATION) == memberlist_checksum(want))
+
+
 EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 
 
@@ -103,7 +123,8 @@ class Metallb(Phase):
         try:
             kubeconfig = fetch_kubeconfig(ctx)
             wait_metallb(ctx, kubeconfig, 1, quiet=True)
-            return pool_applied(kubeconfig, ctx.lab) and not announce_labels_wrong(kubeconfig, ctx.lab)
+            return (pool_applied(kubeconfig, ctx.lab) and not announce_labels_wrong(kubeconfig, ctx.lab)
+                    and memberlist_applied(kubeconfig, ctx.lab))
         except Exception:  # noqa: BLE001 - any gap means: run
             return False
 
@@ -119,6 +140,16 @@ class Metallb(Phase):
         for kind, name, patch in emulated_probe_patches(lab):
             kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", kind, name, "--type", "strategic", "-p",
                              json.dumps(patch), what=f"giving MetalLB's {name} probes fit for TCG",
+                             deadline_s=lab.timeouts.rollout)
+        memberlist = emulated_memberlist_configmap(lab)
+        if memberlist is not None:
+            host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
+            host.put(MEMBERLIST_PATH, yaml.safe_dump(memberlist, sort_keys=False), mode=0o600)
+            kubectl_retrying(ctx, host, "apply", "-f", MEMBERLIST_PATH, what=f"applying the speakers' memberlist "
+                             f"timing for TCG ({MEMBERLIST_CONFIGMAP})", deadline_s=lab.timeouts.rollout)
+            kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", "daemonset", "speaker", "--type", "strategic",
+                             "-p", json.dumps(memberlist_annotation_patch(memberlist)),
+                             what="restarting the speakers with that file (its checksum on their pod template)",
                              deadline_s=lab.timeouts.rollout)
         webhooks = kubectl_retrying(
             ctx, host, "get", "validatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "-o",

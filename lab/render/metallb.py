@@ -1,6 +1,8 @@
 """metallb.yaml: an IPAddressPool with the spec's addresses and an L2Advertisement naming it (pure functions)."""
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from lab.spec import Lab, pool_ranges
@@ -67,6 +69,54 @@ def emulated_probe_patches(lab: Lab) -> list[tuple[str, str, dict]]:
     return [(kind, name, {"spec": {"template": {"spec": {"containers": [
         {"name": name, **{k: dict(v) for k, v in EMULATED_PROBES.items()}}]}}}})
         for kind, name in WORKLOADS]
+
+
+#: The ConfigMap MetalLB's speaker mounts (optional) at /etc/metallb/memberlist; it reads config.json there once, at
+#: start-up, and then every field must be present (MetalLB v0.16 internal/speakerlist: memberlistFileConfig).
+MEMBERLIST_CONFIGMAP = "metallb-memberlist-config"
+#: hashicorp/memberlist v0.5.1 DefaultLANConfig (config.go; the version MetalLB v0.16.1 pins): what the speakers run
+#: with when no file is mounted.
+MEMBERLIST_LAN_DEFAULTS = {
+    "TCPTimeout": "10s", "IndirectChecks": 3, "RetransmitMult": 4, "SuspicionMult": 4, "SuspicionMaxTimeoutMult": 6,
+    "PushPullInterval": "30s", "ProbeTimeout": "500ms", "ProbeInterval": "1s", "DisableTcpPings": False,
+    "AwarenessMaxMultiplier": 8, "GossipNodes": 3, "GossipInterval": "200ms", "GossipToTheDeadTime": "30s",
+    "GossipVerifyIncoming": True, "GossipVerifyOutgoing": True, "EnableCompression": True,
+    "HandoffQueueDepth": 1024, "UDPBufferSize": 1400, "QueueCheckInterval": "30s"}
+#: Under TCG the speakers missed each other's 500 ms probes and 1 s TCP pings whenever a node was saturated, and
+#: with two nodes (no peer to confirm) a suspect is declared dead after SuspicionMult x ProbeInterval = 4 s: on the
+#: CI cluster under the suite each marked the other failed, took over its VIPs, then withdrew them ("notOwner")
+#: when it came back, so a VIP's announcer moved mid-check. These give a stalled speaker 10 s (5 x 2 s) to answer
+#: before it is declared dead: a node really gone is still detected in about 14 s (one probe round, its timeout,
+#: the suspicion), well within the failover bound of 30 s.
+EMULATED_MEMBERLIST = {"ProbeInterval": "2s", "ProbeTimeout": "1500ms", "SuspicionMult": 5}
+
+
+def emulated_memberlist_configmap(lab: Lab) -> dict | None:
+    """The speakers' memberlist timing on an emulated (TCG) lab, as the ConfigMap MetalLB mounts; None otherwise
+    (MetalLB's own LAN defaults)."""
+    if lab.libvirt.accel != "tcg":
+        return None
+    config = {**MEMBERLIST_LAN_DEFAULTS, **EMULATED_MEMBERLIST}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": MEMBERLIST_CONFIGMAP, "namespace": NAMESPACE,
+                         "labels": {"app.kubernetes.io/managed-by": "lab", "lab.name": lab.name}},
+            "data": {"config.json": json.dumps(config, sort_keys=True)}}
+
+
+#: The speaker pod template's annotation carrying the memberlist file's checksum: changing the file changes the
+#: template, so the speakers restart and read it (they read it only at start-up); `lab up` compares it to be done.
+MEMBERLIST_ANNOTATION = "kvmlab.io/memberlist-config-sha256"
+
+
+def memberlist_checksum(configmap: dict) -> str:
+    import hashlib
+    return hashlib.sha256(configmap["data"]["config.json"].encode()).hexdigest()
+
+
+def memberlist_annotation_patch(configmap: dict) -> dict:
+    """Strategic-merge patch for the speaker DaemonSet: the checksum annotation on its pod template."""
+    return {"spec": {"template": {"metadata": {"annotations": {MEMBERLIST_ANNOTATION:
+                                                               memberlist_checksum(configmap)}}}}}
 
 
 #: The name of MetalLB's ValidatingWebhookConfiguration in its native manifest.

@@ -518,6 +518,50 @@ def test_control_plane_announce_label_matches_the_spec(monkeypatch):
     assert phase.announce_labels_wrong("kc", Lab.model_validate(doc)) == ["cp1"]
 
 
+def test_memberlist_timing_is_done_only_once_the_speakers_restarted_with_it(monkeypatch):
+    """On a TCG lab the phase is done when the ConfigMap holds the rendered file AND the speaker template carries
+    its checksum: a file written but never read (speakers not restarted) is not done."""
+    import types
+
+    import kubernetes.client
+
+    from lab.phases import metallb as phase
+    from lab.render.metallb import emulated_memberlist_configmap, memberlist_checksum
+    from lab.spec import Lab
+
+    doc = {"name": "t", "libvirt": {"accel": "tcg"},
+           "nodes": [{"name": "cp1", "role": "control-plane"}, {"name": "w1", "role": "worker"}]}
+    lab = Lab.model_validate(doc)
+    want = emulated_memberlist_configmap(lab)
+    state = {"data": dict(want["data"]), "annotations": {}}
+
+    class Core:
+        def __init__(self, api):
+            pass
+
+        def read_namespaced_config_map(self, name, namespace, _request_timeout=None):
+            assert (name, namespace) == ("metallb-memberlist-config", "metallb-system")
+            return types.SimpleNamespace(data=state["data"])
+
+    class Apps:
+        def __init__(self, api):
+            pass
+
+        def read_namespaced_daemon_set(self, name, namespace, _request_timeout=None):
+            meta = types.SimpleNamespace(annotations=state["annotations"])
+            return types.SimpleNamespace(spec=types.SimpleNamespace(template=types.SimpleNamespace(metadata=meta)))
+
+    monkeypatch.setattr(phase, "api_client", lambda kubeconfig: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", Core)
+    monkeypatch.setattr(kubernetes.client, "AppsV1Api", Apps)
+    assert not phase.memberlist_applied("kc", lab)  # written, speakers not restarted with it
+    state["annotations"] = {phase.MEMBERLIST_ANNOTATION: memberlist_checksum(want)}
+    assert phase.memberlist_applied("kc", lab)
+    state["data"] = {"config.json": "{}"}
+    assert not phase.memberlist_applied("kc", lab)  # a file someone changed
+    assert phase.memberlist_applied("kc", Lab.model_validate({**doc, "libvirt": {}}))  # KVM: MetalLB's defaults
+
+
 # `systemctl show <slice> -p CPUWeight` as systemd 252 (Debian 12, the lab image) printed it on a CI cluster node:
 # system.slice after the runtime phase, and user.slice, which nothing sets.
 SHOW_SET = "CPUWeight=25\n"

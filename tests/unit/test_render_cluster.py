@@ -400,3 +400,44 @@ def test_emulated_api_server_liveness_leaves_out_etcd_and_control_plane_gets_cpu
     agent = cilium_values(lab_with(libvirt={"accel": "tcg"}))["resources"]["requests"]["cpu"]
     millicpu = [int(c["resources"]["requests"]["cpu"].rstrip("m")) for c in patches.values() if "resources" in c]
     assert sum(millicpu) + 200 + 100 + int(agent.rstrip("m")) + 2 * 100 <= 1600
+
+
+#: MetalLB v0.16.1 internal/speakerlist memberlistFileConfig's JSON fields: with a file mounted, every one is read.
+MEMBERLIST_FILE_FIELDS = {
+    "TCPTimeout", "IndirectChecks", "RetransmitMult", "SuspicionMult", "SuspicionMaxTimeoutMult", "PushPullInterval",
+    "ProbeTimeout", "ProbeInterval", "DisableTcpPings", "AwarenessMaxMultiplier", "GossipNodes", "GossipInterval",
+    "GossipToTheDeadTime", "GossipVerifyIncoming", "GossipVerifyOutgoing", "EnableCompression", "HandoffQueueDepth",
+    "UDPBufferSize", "QueueCheckInterval"}
+
+
+def _seconds(text: str) -> float:
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text[:-1])
+
+
+def test_emulated_labs_give_the_speakers_memberlist_timing_fit_for_tcg():
+    """Under TCG the speakers declared each other dead after 4 s (SuspicionMult 4 x ProbeInterval 1 s, two nodes,
+    no peer to confirm) and moved VIPs mid-check; the file gives 10 s, and a dead node is still found within the
+    failover bound."""
+    import json
+
+    from conformance.conftest import DEFAULT_FAILOVER_SECONDS
+    from lab.render.metallb import (MEMBERLIST_ANNOTATION, MEMBERLIST_LAN_DEFAULTS, emulated_memberlist_configmap,
+                                    memberlist_annotation_patch)
+
+    cm = emulated_memberlist_configmap(lab_with(libvirt={"accel": "tcg"}))
+    assert (cm["kind"], cm["metadata"]["name"], cm["metadata"]["namespace"]) == \
+        ("ConfigMap", "metallb-memberlist-config", "metallb-system")
+    config = json.loads(cm["data"]["config.json"])
+    assert set(config) == MEMBERLIST_FILE_FIELDS == set(MEMBERLIST_LAN_DEFAULTS)  # a missing field is an error
+    interval, timeout = _seconds(config["ProbeInterval"]), _seconds(config["ProbeTimeout"])
+    suspicion = config["SuspicionMult"] * interval  # two speakers: log10(N) < 1, no confirmations
+    assert suspicion >= 10 > MEMBERLIST_LAN_DEFAULTS["SuspicionMult"] * _seconds(MEMBERLIST_LAN_DEFAULTS["ProbeInterval"])
+    assert interval + timeout + suspicion < DEFAULT_FAILOVER_SECONDS
+    assert {k: v for k, v in config.items() if v != MEMBERLIST_LAN_DEFAULTS[k]} == \
+        {"ProbeInterval": "2s", "ProbeTimeout": "1500ms", "SuspicionMult": 5}
+    patch = memberlist_annotation_patch(cm)
+    checksum = patch["spec"]["template"]["metadata"]["annotations"][MEMBERLIST_ANNOTATION]
+    assert len(checksum) == 64
+    other = {**cm, "data": {"config.json": json.dumps({**config, "SuspicionMult": 6}, sort_keys=True)}}
+    assert memberlist_annotation_patch(other) != patch  # a changed file restarts the speakers
+    assert emulated_memberlist_configmap(default_lab()) is None
