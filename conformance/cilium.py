@@ -25,14 +25,16 @@ from conformance.judge import NotMeasured
 AGENT_NS, AGENT_SELECTOR, AGENT_CONTAINER = "kube-system", "k8s-app=cilium", "cilium-agent"
 RELAY_SELECTOR = "k8s-app=hubble-relay"
 
-def map_read_script(list_command: str, size_row: str) -> str:
+def map_read_script(list_command: str, size_row: str, dport: int | None = None) -> str:
     """A shell script for the agent printing 'ENTRIES MAX' of one BPF map: the TCP lines ``list_command`` prints
-    and the size of the ``size_row`` row of `cilium-dbg status --verbose` (its BPF Maps table). Each step's exit
-    code is checked (no 2>/dev/null | grep -c): a failed read is an error, never "0 entries"."""
+    (with ``dport``: those whose destination port is ``dport``, "TCP OUT a:p -> b:DPORT ...") and the size of the
+    ``size_row`` row of `cilium-dbg status --verbose` (its BPF Maps table). Each step's exit code is checked (no
+    2>/dev/null | grep -c): a failed read is an error, never "0 entries"."""
+    match = f"^TCP [A-Z]+ [^ ]+ -> [^ ]+:{int(dport)} " if dport is not None else "^TCP"
     return (
         f"set -u; list=$({list_command}) || {{ echo '{list_command} failed' >&2; exit 3; }}; "
         "status=$(cilium-dbg status --verbose) || { echo 'cilium-dbg status --verbose failed' >&2; exit 4; }; "
-        "n=$(printf '%s\\n' \"$list\" | grep -c '^TCP' || true); "
+        f"n=$(printf '%s\\n' \"$list\" | grep -cE '{match}' || true); "
         f"m=$(printf '%s\\n' \"$status\" | sed -n 's/^ *{size_row} *\\([0-9][0-9]*\\).*/\\1/p' | head -1); "
         f"[ -n \"$m\" ] || {{ echo 'no \"{size_row}\" size in cilium-dbg status --verbose' >&2; exit 5; }}; "
         "echo \"$n $m\"")
@@ -190,8 +192,12 @@ class HubbleDrops:
         return found
 
 
-def ct_reading(session, node: str, pod: str):
-    return _map_reading(session, node, pod, CT_READ_SCRIPT, "bpf-ct")
+def ct_reading(session, node: str, pod: str, dport: int | None = None):
+    """The global TCP CT map; with ``dport`` only the entries of flows to that port (one load's own flows, so that
+    the garbage collection of other flows' entries while it runs cannot hide its rise)."""
+    script = CT_READ_SCRIPT if dport is None else map_read_script("cilium-dbg bpf ct list global",
+                                                                  "TCP connection tracking", dport)
+    return _map_reading(session, node, pod, script, "bpf-ct")
 
 
 def nat_reading(session, node: str, pod: str):

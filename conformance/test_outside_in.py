@@ -282,7 +282,7 @@ def _move_cluster_backend(session, kube, world: OutsideWorld, nodes: list[str]) 
     kube.core.delete_namespaced_pod(old, world.ns, grace_period_seconds=0)
     _wait_answer_from(world.vips["cluster"], new, 60)
     world.pod_ips["cluster"] = kube.core.read_namespaced_pod(new, world.ns).status.pod_ip
-    world.announcer, _, _ = announcing_node(world.vips["cluster"], world.macs)
+    read_announcer(world)
 
 
 def read_announcer(world: OutsideWorld) -> str | None:
@@ -294,6 +294,56 @@ def read_announcer(world: OutsideWorld) -> str | None:
         world.announcer_moves.append(f"{world.announcer} -> {now}")
         world.announcer = now
     return now
+
+
+class NeighbourWatch:
+    """Reads the runner's neighbour entry for ``ip`` every ``interval`` seconds while a load runs: every node
+    whose MAC it held (a gratuitous ARP from another speaker moves it, and with it the flows). Bounded: it stops
+    when told or after ``seconds``."""
+
+    def __init__(self, ip: str, macs: dict[str, set[str]], interval: float = 0.5, seconds: float = 3600.0):
+        import threading
+        self.ip, self.macs, self.interval, self.seconds = ip, macs, interval, seconds
+        self.seen: list[str] = []          # nodes in the order the entry named them (changes only)
+        self.unknown: set[str] = set()     # MACs of no node
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from conformance.test_loadbalancer import neighbour_mac
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            mac = neighbour_mac(self.ip)
+            owners = [n for n, m in self.macs.items() if mac and mac in m]
+            if mac and not owners:
+                self.unknown.add(mac)
+            if len(owners) == 1 and (not self.seen or self.seen[-1] != owners[0]):
+                self.seen.append(owners[0])
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "NeighbourWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def judge_announcer_held(vip: str, node: str, seen: list[str], unknown: set[str]) -> list[str]:
+    """The runner's neighbour entry for the VIP named ``node`` and only it while the load ran (``seen``: the
+    nodes it named, in order)."""
+    path = [node]
+    for n in seen:
+        if n != path[-1]:
+            path.append(n)
+    problems = []
+    if len(path) > 1:
+        problems.append(f"the runner's neighbour entry for {vip} moved while the load was held: {' -> '.join(path)} "
+                        "(MetalLB moved or split the announcement; held flows cannot survive a move)")
+    if unknown:
+        problems.append(f"the runner's neighbour entry for {vip} held {sorted(unknown)}, no node's MAC")
+    return problems
 
 
 def keep_cluster_path_across_nodes(session, kube, world: OutsideWorld) -> None:
@@ -382,14 +432,15 @@ def test_lb_datapath_under_load_from_outside(outside, kube, session, node_facts,
     args = load_args(outside.vips["cluster"], n, rate, hold, session.deadline(VERIFY_SECONDS),
                      session.deadline(OPEN_SLACK_SECONDS))
     started = time.monotonic()
-    result, during = read_while_held(read, opening + min(hold / 2, 5),
-                                     lambda: netprobe_on_runner(args, hold + opening + 120))
+    with NeighbourWatch(outside.vips["cluster"], outside.macs) as watch:
+        result, during = read_while_held(read, opening + min(hold / 2, 5),
+                                         lambda: netprobe_on_runner(args, hold + opening + 120))
     total, problems = judge_outside_load(node, before, result, during, n, settings.lb_min_open_rate,
                                          settings.lb_max_connect_p99_ms)
     after = read_announcer(outside)
-    if after != node:  # the load's flows were split between two nodes: their tables and its verdicts mean nothing
-        problems.insert(0, f"MetalLB moved {outside.vips['cluster']} from {node} to {after} while the load was held "
-                           "(held connections cannot survive a move: the new node has no state for them)")
+    problems[:0] = judge_announcer_held(outside.vips["cluster"], node, watch.seen + [after] if after else watch.seen,
+                                        watch.unknown)
+    measure("announcer_during_load", watch.seen)
     measure("announcing_node", node)
     measure("announcer_moves", list(outside.announcer_moves))
     measure("tables", sorted(before))

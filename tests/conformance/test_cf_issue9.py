@@ -244,6 +244,28 @@ def test_d4_ct_script_checks_every_step(tmp_path):
         parse_bpf_ct("w1", bad.returncode, bad.stdout, bad.stderr)
 
 
+def test_d4_ct_script_counts_one_ports_flows_on_a_real_listing(tmp_path):
+    """`cilium-dbg bpf ct list global` as captured on the CI cluster's w1: all TCP entries, or only those whose
+    destination port is the load's (a port that is another's source port, or a longer port, does not count)."""
+    listing = Path(__file__).resolve().parents[1] / "fixtures" / "cilium" / "bpf_ct_list_global_cik8s_w1.txt"
+    fake = tmp_path / "cilium-dbg"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = status ]; then echo '  TCP connection tracking   524288'; exit 0; fi\n"
+                    f"cat '{listing}'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+
+    def count(dport):
+        script = cilium.map_read_script("cilium-dbg bpf ct list global", "TCP connection tracking", dport)
+        res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+        return parse_bpf_ct("w1", res.returncode, res.stdout, res.stderr).entries
+
+    assert count(None) == 14          # every TCP line, not the ICMP one
+    assert count(81) == 3             # SVC entries of the load to 10.232.0.206:81 (one is among the twelve)
+    assert count(8181) == 3           # CoreDNS readiness probes; 81 is not a prefix match of 8181
+    assert count(7946) == 5           # memberlist, never its source ports
+    assert count(28081) == 0
+
+
 # ---------------------------------------------------------------------------------------------- defect 5
 
 

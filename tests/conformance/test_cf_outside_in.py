@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -303,3 +304,25 @@ def test_the_checks_hold_the_datapath_lock():
                      "test_cluster_traffic_crosses_nodes_and_is_snated": ["observe"],
                      "test_lb_datapath_under_load_from_outside": ["load"]}
     assert (oi.pytestmark.name, oi.pytestmark.args) == ("xdist_group", ("metallb",))  # with the other LB checks
+
+
+def test_the_announcer_must_hold_through_the_load():
+    from conformance.test_outside_in import judge_announcer_held
+    assert judge_announcer_held(CLUSTER_VIP, "node1", ["node1", "node1"], set()) == []
+    assert judge_announcer_held(CLUSTER_VIP, "node1", [], set()) == []
+    [moved] = judge_announcer_held(CLUSTER_VIP, "node1", ["node1", "node2", "node1"], set())
+    assert f"neighbour entry for {CLUSTER_VIP} moved while the load was held: node1 -> node2 -> node1" in moved
+    [stray] = judge_announcer_held(CLUSTER_VIP, "node1", ["node1"], {"52:54:00:00:00:99"})
+    assert "52:54:00:00:00:99" in stray and "no node's MAC" in stray
+
+
+def test_neighbour_watch_reads_the_real_neighbour_table(monkeypatch):
+    """The watch reads `ip neigh` through test_loadbalancer.neighbour_mac; a MAC sequence stands in for it here."""
+    import conformance.test_loadbalancer as lb
+    from conformance.test_outside_in import NeighbourWatch
+    macs = iter(["aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:02", "aa:aa:aa:aa:aa:99"])
+    monkeypatch.setattr(lb, "neighbour_mac", lambda ip: next(macs, "aa:aa:aa:aa:aa:02"))
+    with NeighbourWatch(CLUSTER_VIP, {"node1": {"aa:aa:aa:aa:aa:01"}, "node2": {"aa:aa:aa:aa:aa:02"}},
+                        interval=0.01, seconds=5) as watch:
+        time.sleep(0.2)
+    assert watch.seen == ["node1", "node2"] and watch.unknown == {"aa:aa:aa:aa:aa:99"}
