@@ -15,7 +15,7 @@ from lab.phase import Phase, skip_without_kubernetes
 from lab.render.metallb import (API, MEMBERLIST_ANNOTATION, MEMBERLIST_CONFIGMAP, NAMESPACE, WEBHOOK_CONFIGURATION,
                                 emulated_memberlist_configmap, emulated_probe_patches, emulated_webhook_timeout_patch,
                                 l2_name, memberlist_annotation_patch, memberlist_checksum, metallb_documents,
-                                native_manifest_url, pool_addresses, pool_name, render_metallb)
+                                native_manifest_url, patch_applied, pool_addresses, pool_name, render_metallb)
 from lab.wait import api_starting, matches_any, wait_for
 
 if TYPE_CHECKING:
@@ -88,6 +88,22 @@ def memberlist_applied(kubeconfig: str, lab) -> bool:
             and annotations.get(MEMBERLIST_ANNOTATION) == memberlist_checksum(want))
 
 
+def workload_patches_missing(kubeconfig: str, lab) -> list[str]:
+    """MetalLB workloads whose container lacks the emulated (TCG) probe and resource settings ([] otherwise)."""
+    from kubernetes import client
+
+    api = api_client(kubeconfig)
+    apps = client.AppsV1Api(api)
+    read = {"deployment": apps.read_namespaced_deployment, "daemonset": apps.read_namespaced_daemon_set}
+    missing = []
+    for kind, name, patch in emulated_probe_patches(lab):
+        workload = api.sanitize_for_serialization(read[kind](name, NAMESPACE, _request_timeout=10))
+        container = next((c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name), {})
+        if not patch_applied(patch, container):
+            missing.append(f"{kind}/{name}")
+    return missing
+
+
 EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 
 
@@ -124,7 +140,7 @@ class Metallb(Phase):
             kubeconfig = fetch_kubeconfig(ctx)
             wait_metallb(ctx, kubeconfig, 1, quiet=True)
             return (pool_applied(kubeconfig, ctx.lab) and not announce_labels_wrong(kubeconfig, ctx.lab)
-                    and memberlist_applied(kubeconfig, ctx.lab))
+                    and memberlist_applied(kubeconfig, ctx.lab) and not workload_patches_missing(kubeconfig, ctx.lab))
         except Exception:  # noqa: BLE001 - any gap means: run
             return False
 
@@ -139,7 +155,7 @@ class Metallb(Phase):
                          deadline_s=lab.timeouts.rollout)
         for kind, name, patch in emulated_probe_patches(lab):
             kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", kind, name, "--type", "strategic", "-p",
-                             json.dumps(patch), what=f"giving MetalLB's {name} probes fit for TCG",
+                             json.dumps(patch), what=f"giving MetalLB's {name} probes and a CPU request fit for TCG",
                              deadline_s=lab.timeouts.rollout)
         memberlist = emulated_memberlist_configmap(lab)
         if memberlist is not None:

@@ -59,6 +59,11 @@ def render_metallb(lab: Lab) -> str:
 #: probe failed ... Client.Timeout exceeded"), each restart dropping the L2 announcement.
 EMULATED_PROBES = {"livenessProbe": {"timeoutSeconds": 10, "failureThreshold": 12},
                    "readinessProbe": {"timeoutSeconds": 10}}
+#: MetalLB's manifest gives its pods no resources, so they are BestEffort: under cgroup v1 the whole besteffort
+#: slice has cpu.shares 2, shared with every other pod without requests (the suite's probe pods among them). On
+#: the TCG CI cluster under the suite the speakers went unanswered for over 10 s at a time and declared each
+#: other dead; a CPU request makes them Burstable, with a weight of their own.
+EMULATED_RESOURCES = {"resources": {"requests": {"cpu": "100m"}}}
 WORKLOADS = (("deployment", "controller"), ("daemonset", "speaker"))
 
 
@@ -67,8 +72,19 @@ def emulated_probe_patches(lab: Lab) -> list[tuple[str, str, dict]]:
     if lab.libvirt.accel != "tcg":
         return []
     return [(kind, name, {"spec": {"template": {"spec": {"containers": [
-        {"name": name, **{k: dict(v) for k, v in EMULATED_PROBES.items()}}]}}}})
+        {"name": name, **{k: dict(v) for k, v in EMULATED_PROBES.items()},
+         "resources": {"requests": dict(EMULATED_RESOURCES["resources"]["requests"])}}]}}}})
         for kind, name in WORKLOADS]
+
+
+def patch_applied(patch: dict, container: dict) -> bool:
+    """Whether a live container (as the API returns it, camelCase dict) carries every field the patch sets."""
+    def holds(want, got) -> bool:
+        if isinstance(want, dict):
+            return isinstance(got, dict) and all(holds(v, got.get(k)) for k, v in want.items())
+        return want == got
+    [wanted] = patch["spec"]["template"]["spec"]["containers"]
+    return all(holds(v, container.get(k)) for k, v in wanted.items() if k != "name")
 
 
 #: The ConfigMap MetalLB's speaker mounts (optional) at /etc/metallb/memberlist; it reads config.json there once, at

@@ -342,7 +342,29 @@ def test_emulated_labs_give_metallb_probes_fit_for_tcg():
     assert sorted(patches) == ["controller", "speaker"]
     [speaker] = patches["speaker"]["spec"]["template"]["spec"]["containers"]
     assert speaker["name"] == "speaker" and speaker["livenessProbe"]["timeoutSeconds"] == 10
+    assert speaker["resources"] == {"requests": {"cpu": "100m"}}  # Burstable: out of the besteffort slice
     assert emulated_probe_patches(default_lab()) == []
+
+
+def test_a_patch_is_applied_only_when_the_live_container_carries_every_field():
+    """The live container as the API client serialises it (camelCase, as `lab up` reads it back)."""
+    from kubernetes import client
+
+    from lab.render.metallb import emulated_probe_patches, patch_applied
+
+    patch = next(p for _, name, p in emulated_probe_patches(lab_with(libvirt={"accel": "tcg"})) if name == "speaker")
+    probe = client.V1Probe(http_get=client.V1HTTPGetAction(path="/metrics", port=7472), timeout_seconds=10,
+                           failure_threshold=12, period_seconds=10)
+    live = client.V1Container(name="speaker", image="quay.io/metallb/speaker:v0.16.1", liveness_probe=probe,
+                              readiness_probe=client.V1Probe(timeout_seconds=10, failure_threshold=3),
+                              resources=client.V1ResourceRequirements(requests={"cpu": "100m"}))
+    as_read = client.ApiClient().sanitize_for_serialization(live)
+    assert patch_applied(patch, as_read)
+    as_read["resources"] = {}
+    assert not patch_applied(patch, as_read)  # BestEffort still: the phase runs again
+    as_read["resources"] = {"requests": {"cpu": "100m"}}
+    as_read["livenessProbe"]["timeoutSeconds"] = 1
+    assert not patch_applied(patch, as_read)
 
 
 def test_the_bpf_conntrack_and_nat_maps_get_the_labs_conntrack_budget():
