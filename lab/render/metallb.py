@@ -59,10 +59,10 @@ def render_metallb(lab: Lab) -> str:
 #: probe failed ... Client.Timeout exceeded"), each restart dropping the L2 announcement.
 EMULATED_PROBES = {"livenessProbe": {"timeoutSeconds": 10, "failureThreshold": 12},
                    "readinessProbe": {"timeoutSeconds": 10}}
-#: MetalLB's manifest gives its pods no resources, so they are BestEffort: under cgroup v1 the whole besteffort
-#: slice has cpu.shares 2, shared with every other pod without requests (the suite's probe pods among them). On
-#: the TCG CI cluster under the suite the speakers went unanswered for over 10 s at a time and declared each
-#: other dead; a CPU request makes them Burstable, with a weight of their own.
+#: MetalLB's manifest gives its pods no resources, so they are BestEffort: in the lab's guests (cgroup v2) the whole
+#: besteffort slice has cpu.weight 1 against the burstable slice's 32, where the suite's probe pods run. On the TCG
+#: CI cluster under the suite the speakers went unanswered for over 10 s at a time and declared each other dead; a
+#: CPU request makes them Burstable, with a weight of their own.
 EMULATED_RESOURCES = {"resources": {"requests": {"cpu": "100m"}}}
 WORKLOADS = (("deployment", "controller"), ("daemonset", "speaker"))
 

@@ -342,7 +342,7 @@ def test_emulated_labs_give_metallb_probes_fit_for_tcg():
     assert sorted(patches) == ["controller", "speaker"]
     [speaker] = patches["speaker"]["spec"]["template"]["spec"]["containers"]
     assert speaker["name"] == "speaker" and speaker["livenessProbe"]["timeoutSeconds"] == 10
-    assert speaker["resources"] == {"requests": {"cpu": "100m"}}  # Burstable: out of the besteffort slice
+    assert speaker["resources"] == {"requests": {"cpu": "100m"}}  # Burstable: out of the besteffort slice (weight 1)
     assert emulated_probe_patches(default_lab()) == []
 
 
