@@ -120,31 +120,31 @@ def _reach(session, handle, ip: str, port: int, explicit: bool) -> str:
 def observe(session, world: World) -> TruthTable:
     """One complete observation: every source probes its targets at the same time (netprobe connect; kube-dns
     with a real DNS query, ``/dns`` and ``/dns-tcp``). Any probe that could not run fails the whole observation."""
-    # Each connect's wait grows with --time-scale: on the TCG cluster under load a probe in a pod reported its 2 s
-    # timeouts 3-5.7 s late, so a reachable cell could be judged "timeout".
-    connect_seconds = session.deadline(CONNECT_SECONDS)
-
-    def probe(source):
-        ns, pod = world.handles[source]
-        return source, session.netprobe(ns, pod, world.connect_args(source, connect_seconds), timeout=60)
-
-    return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in world.sources])))
+    return _connect(session, world)
 
 
 def reprobe(session, world: World, cells: list) -> TruthTable:
     """Those cells probed again, each source at once for its cells (poll_table's re-probe of lost allowed cells);
     cells not probed stay unset."""
-    connect_seconds = session.deadline(CONNECT_SECONDS)
     by_source: dict[str, set] = {}
     for source, target in cells:
         by_source.setdefault(source, set()).add(target)
+    return _connect(session, world, by_source)
+
+
+def _connect(session, world: World, targets_of: dict[str, set] | None = None) -> TruthTable:
+    """Every source (``targets_of``: those sources, each for those targets) probes at the same time."""
+    # Each connect's wait grows with --time-scale: on the TCG cluster under load a probe in a pod reported its 2 s
+    # timeouts 3-5.7 s late, so a reachable cell could be judged "timeout".
+    connect_seconds = session.deadline(CONNECT_SECONDS)
+    sources = world.sources if targets_of is None else list(targets_of)
 
     def probe(source):
         ns, pod = world.handles[source]
-        args = world.connect_args(source, connect_seconds, only=by_source[source])
-        return source, session.netprobe(ns, pod, args, timeout=60)
+        only = None if targets_of is None else targets_of[source]
+        return source, session.netprobe(ns, pod, world.connect_args(source, connect_seconds, only=only), timeout=60)
 
-    return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in by_source])))
+    return world.observed(dict(k8s.in_parallel([lambda s=s: probe(s) for s in sources])))
 
 
 def apply(kube, world: World, manifests: list[dict]) -> int:

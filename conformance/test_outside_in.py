@@ -310,15 +310,13 @@ class NeighbourWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from conformance.test_loadbalancer import neighbour_mac
         deadline = time.monotonic() + self.seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
-            mac = neighbour_mac(self.ip)
-            owners = [n for n, m in self.macs.items() if mac and mac in m]
+            node, mac, owners = announcing_node(self.ip, self.macs)
             if mac and not owners:
                 self.unknown.add(mac)
-            if len(owners) == 1 and (not self.seen or self.seen[-1] != owners[0]):
-                self.seen.append(owners[0])
+            if node and (not self.seen or self.seen[-1] != node):
+                self.seen.append(node)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "NeighbourWatch":

@@ -157,9 +157,9 @@ class Metallb(Phase):
             kubectl_retrying(ctx, host, "-n", NAMESPACE, "patch", kind, name, "--type", "strategic", "-p",
                              json.dumps(patch), what=f"giving MetalLB's {name} probes and a CPU request fit for TCG",
                              deadline_s=lab.timeouts.rollout)
+        host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         memberlist = emulated_memberlist_configmap(lab)
         if memberlist is not None:
-            host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
             host.put(MEMBERLIST_PATH, yaml.safe_dump(memberlist, sort_keys=False), mode=0o600)
             kubectl_retrying(ctx, host, "apply", "-f", MEMBERLIST_PATH, what=f"applying the speakers' memberlist "
                              f"timing for TCG ({MEMBERLIST_CONFIGMAP})", deadline_s=lab.timeouts.rollout)
@@ -179,7 +179,6 @@ class Metallb(Phase):
                              deadline_s=lab.timeouts.rollout)
         kubeconfig = fetch_kubeconfig(ctx)
         wait_metallb(ctx, kubeconfig, lab.timeouts.rollout)
-        host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(CONFIG_PATH, render_metallb(lab), mode=0o600)
         kubectl_retrying(ctx, host, "apply", "-f", CONFIG_PATH, what="applying metallb.yaml (IPAddressPool + "
                          "L2Advertisement)", deadline_s=lab.timeouts.webhook, transient=webhook_not_ready)
