@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from typing import Callable
 
 import pytest
 
@@ -104,8 +105,11 @@ def node_macs(node_facts) -> dict[str, set[str]]:
     return {node: parse_link_macs(node_facts.host(node, "ip -o link").stdout) for node in node_facts.pods}
 
 
-def announcing_node(ip: str, macs: dict[str, set[str]]) -> tuple[str | None, str | None, list[str]]:
-    mac = neighbour_mac(ip)
+def announcing_node(ip: str, macs: dict[str, set[str]],
+                    neighbour: Callable[[str], str | None] = neighbour_mac) -> tuple[str | None, str | None, list[str]]:
+    """(the node whose MAC the neighbour entry for ip holds, that MAC, every node owning it); ``neighbour`` reads
+    the entry (the runner's own table here; a test reads its namespace's)."""
+    mac = neighbour(ip)
     owners = [n for n, m in macs.items() if mac and mac in m]
     return judge_announcer(ip, mac, macs)[0], mac, owners
 

@@ -47,8 +47,8 @@ from conformance.judge import (NotMeasured, judge_cross_node, judge_load, judge_
                                judge_source_preserved, judge_table_rises, node_ips_from_facts)
 from conformance.policies import allow_ingress_from_cidr, default_deny, replace_policies
 from conformance.test_conntrack import OPEN_SLACK_SECONDS, VERIFY_SECONDS, ct_readings, read_while_held
-from conformance.test_loadbalancer import (announcing_node, eligible_announcers, http_answer, http_get, node_macs,
-                                          wait_http)
+from conformance.test_loadbalancer import (announcing_node, eligible_announcers, http_answer, http_get, neighbour_mac,
+                                          node_macs, wait_http)
 from lab.wait import wait_for
 
 pytestmark = pytest.mark.xdist_group("metallb")  # with the other LB checks: failover disturbs the speakers
@@ -301,9 +301,11 @@ class NeighbourWatch:
     whose MAC it held (a gratuitous ARP from another speaker moves it, and with it the flows). Bounded: it stops
     when told or after ``seconds``."""
 
-    def __init__(self, ip: str, macs: dict[str, set[str]], interval: float = 0.5, seconds: float = 3600.0):
+    def __init__(self, ip: str, macs: dict[str, set[str]], interval: float = 0.5, seconds: float = 3600.0,
+                 neighbour: Callable[[str], str | None] = neighbour_mac):
         import threading
         self.ip, self.macs, self.interval, self.seconds = ip, macs, interval, seconds
+        self.neighbour = neighbour
         self.seen: list[str] = []          # nodes in the order the entry named them (changes only)
         self.unknown: set[str] = set()     # MACs of no node
         self._stop = threading.Event()
@@ -312,7 +314,7 @@ class NeighbourWatch:
     def _run(self) -> None:
         deadline = time.monotonic() + self.seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
-            node, mac, owners = announcing_node(self.ip, self.macs)
+            node, mac, owners = announcing_node(self.ip, self.macs, self.neighbour)
             if mac and not owners:
                 self.unknown.add(mac)
             if node and (not self.seen or self.seen[-1] != node):

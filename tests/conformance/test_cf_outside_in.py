@@ -316,13 +316,14 @@ def test_the_announcer_must_hold_through_the_load():
     assert "52:54:00:00:00:99" in stray and "no node's MAC" in stray
 
 
-def test_neighbour_watch_reads_the_real_neighbour_table(monkeypatch):
-    """The watch reads `ip neigh` through test_loadbalancer.neighbour_mac; a MAC sequence stands in for it here."""
+def test_neighbour_watch_follows_the_entry_it_reads():
+    """The watch reads the entry through ``neighbour`` (`ip neigh` on the runner by default; the netns fault
+    matrix moves a real one); a MAC sequence stands in for it here."""
     import conformance.test_loadbalancer as lb
     from conformance.test_outside_in import NeighbourWatch
+    assert NeighbourWatch(CLUSTER_VIP, {}).neighbour is lb.neighbour_mac
     macs = iter(["aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:02", "aa:aa:aa:aa:aa:99"])
-    monkeypatch.setattr(lb, "neighbour_mac", lambda ip: next(macs, "aa:aa:aa:aa:aa:02"))
     with NeighbourWatch(CLUSTER_VIP, {"node1": {"aa:aa:aa:aa:aa:01"}, "node2": {"aa:aa:aa:aa:aa:02"}},
-                        interval=0.01, seconds=5) as watch:
+                        interval=0.01, seconds=5, neighbour=lambda ip: next(macs, "aa:aa:aa:aa:aa:02")) as watch:
         time.sleep(0.2)
     assert watch.seen == ["node1", "node2"] and watch.unknown == {"aa:aa:aa:aa:aa:99"}

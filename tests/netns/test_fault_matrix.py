@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,10 +40,11 @@ from conformance.world import step2_policies, step3_policies, step4_policies
 from conformance.test_kube_proxy_replacement import RULES_SCRIPT, parse_rules_answer
 from conformance.test_l2_announce import ARP_ARGS as L2_ARP_ARGS
 from lab.cilium_status import ExpectedDatapath, datapath_modes, judge_datapath, judge_health
-from conformance.test_loadbalancer import http_answer
+from conformance.test_loadbalancer import announcing_node, http_answer
 from conformance.test_conntrack import read_while_held
 from conformance.test_outside_in import (DENIED, RUNNER as RUNNER_ID, RUNNER_ALLOWED, WORLD_ALLOWED, OutsideWorld,
-                                         RunnerObservation, cluster_path_findings, deny_policies, judge_outside_load,
+                                         NeighbourWatch, RunnerObservation, cluster_path_findings, deny_policies,
+                                         judge_announcer_held, judge_outside_load,
                                          load_args, local_source_findings, observe_from_runner, outside_check,
                                          runner_allowed_policies, world_allowed_policies)
 from lab.sysctl import parse_values, read_command
@@ -130,7 +132,7 @@ MATRIX = {
         "test_oi_snat__node1_snats_across_nodes__passes"],
     "test_outside_in.py::test_lb_datapath_under_load_from_outside": [
         "test_oi_load__answered_before_node1__fails", "test_oi_load__open_rate_below_bound__fails",
-        "test_oi_load__through_node1__passes"],
+        "test_oi_load__announcement_moves_mid_hold__fails", "test_oi_load__through_node1__passes"],
 }
 
 
@@ -1129,16 +1131,40 @@ def test_oi_snat__node1_snats_across_nodes__passes(lab):
                       "announcing_node": "node1", "cluster_backend_node": "node2"}
 
 
-def _oi_load(c, min_rate, max_p99_ms=1000.0, hold=3.0):
+def _oi_load(c, min_rate, max_p99_ms=1000.0, hold=3.0, meanwhile=None):
     """The load check's measurement and judgement: node1's table (nf_conntrack: its DNAT rule makes it track)
-    before and while the runner's connections are held."""
+    before and while the runner's connections are held, and the runner's neighbour entry for the VIP watched the
+    whole time. ``meanwhile`` = (seconds, action): the action runs once that long after the load starts."""
     def read():
         return {"nf_conntrack": nf_conntrack_reading("node1", node_probe(c.lab, c.node1, "facts"))}
+
+    def neighbour(ip):
+        return topo.neighbour_mac(c.lab, c.runner, ip)
+    macs, failed = _node_macs(c), []
+
+    def act():
+        try:
+            meanwhile[1]()
+        except (subprocess.CalledProcessError, OSError) as exc:
+            failed.append(exc)
+    timer = threading.Timer(meanwhile[0], act) if meanwhile else None
     before = read()
-    result, during = read_while_held(read, hold / 2,
-                                     lambda: topo.Lab.probe(c.lab, c.runner, *load_args(VIP, OI_N, 0, hold), timeout=90))
-    topo.capture("load_oi_runner_vip", result)
-    return judge_outside_load("node1", before, result, during, OI_N, min_rate, max_p99_ms)
+    with NeighbourWatch(VIP, macs, interval=0.2, neighbour=neighbour) as watch:
+        if timer:
+            timer.start()
+        result, during = read_while_held(read, hold / 2, lambda: topo.Lab.probe(
+            c.lab, c.runner, *load_args(VIP, OI_N, 0, hold), timeout=90))
+    if timer:
+        timer.join()
+    assert not failed, failed
+    if not meanwhile:
+        topo.capture("load_oi_runner_vip", result)
+    after = announcing_node(VIP, macs, neighbour)[0]
+    total, problems = judge_outside_load("node1", before, result, during, OI_N, min_rate, max_p99_ms)
+    seen = watch.seen + [after] if after else watch.seen
+    problems[:0] = judge_announcer_held(VIP, "node1", seen, watch.unknown)
+    total["announcer_during_load"] = seen
+    return total, problems
 
 
 def test_oi_load__answered_before_node1__fails(lab):
@@ -1165,9 +1191,21 @@ def test_oi_load__open_rate_below_bound__fails(lab):
                         % total["open_rate_per_s"]]
 
 
+def test_oi_load__announcement_moves_mid_hold__fails(lab):
+    """MetalLB moves the VIP while the connections are held (a speaker declared its peer dead): node2 takes the
+    address and sends a gratuitous ARP, the runner's entry follows it, and the held flows land on a node that
+    never saw them."""
+    c = _oi_build(lab)
+    total, problems = _oi_load(c, min_rate=10, hold=4.0, meanwhile=(1.5, lambda: topo.move_vip(lab, c, VIP, 2)))
+    assert problems[0] == ("the runner's neighbour entry for %s moved while the load was held: node1 -> node2 "
+                           "(MetalLB moved or split the announcement; held flows cannot survive a move)" % VIP)
+    assert total["verified"] < OI_N
+
+
 def test_oi_load__through_node1__passes(lab):
     total, problems = _oi_load(_oi_build(lab), min_rate=500)
     assert problems == [] and total["verified"] == OI_N and total["open_rate_per_s"] >= 500
+    assert total["announcer_during_load"][0] == "node1" and set(total["announcer_during_load"]) == {"node1"}
 
 
 # ---------------------------------------------------------------------------------------------- completeness

@@ -344,6 +344,26 @@ def announce_vip(lab: Lab, c: Cilium, n: int, vip: str = CIL_LB_VIP) -> None:
     lab.ip((c.node1, c.node2)[n - 1], "addr", "add", vip + "/32", "dev", "lan0")
 
 
+GARP = """
+import socket, sys
+dev, mac, ip = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), socket.inet_aton(sys.argv[3])
+arp = bytes.fromhex("0001080006040001") + mac + ip + bytes(6) + ip   # request: who-has ip, tell ip (gratuitous)
+with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+    s.bind((dev, 0))
+    s.send(b"\\xff" * 6 + mac + b"\\x08\\x06" + arp)
+"""
+
+
+def move_vip(lab: Lab, c: Cilium, vip: str, to: int) -> None:
+    """Move vip's announcement to node ``to`` as a MetalLB speaker that took over does: the other node drops it,
+    node ``to`` owns it and sends one gratuitous ARP, which moves every neighbour entry on the LAN."""
+    nodes = (c.node1, c.node2)
+    lab.ip(nodes[2 - to], "addr", "del", vip + "/32", "dev", "lan0")
+    lab.ip(nodes[to - 1], "addr", "add", vip + "/32", "dev", "lan0")
+    sh("ip", "netns", "exec", nodes[to - 1], sys.executable, "-c", GARP, "lan0", mac_of(lab, nodes[to - 1], "lan0"),
+       vip)
+
+
 def mac_of(lab: Lab, ns: str, dev: str) -> str:
     return sh("ip", "netns", "exec", ns, "cat", "/sys/class/net/%s/address" % dev).stdout.strip()
 
