@@ -6,6 +6,8 @@ from lab.layout import base_volumes, bundle_volume, console_log_path, node_volum
 from lab.bundle.recipe import current_recipe_hash
 from lab.phase import Context, Phase, run_on_nodes
 from lab.spec import NodeSpec
+from lab.virt.accel import is_local_uri
+from lab.virt.taps import TAP_TX_QUEUE_LEN, interface_targets, raise_tx_queue_len, short_taps, tx_queue_len
 from lab.virt.xml import domain_xml
 
 
@@ -13,7 +15,32 @@ class Nodes(Phase):
     name = "nodes"
 
     def done(self, ctx: Context) -> bool:
-        return all(ctx.hv.domain_state(ctx.lab.domain_name(n)) == "running" for n in ctx.lab.nodes)
+        names = [ctx.lab.domain_name(n) for n in ctx.lab.nodes]
+        if not all(ctx.hv.domain_state(name) == "running" for name in names):
+            return False
+        return not any(short_taps(self._taps(ctx, name)) for name in names)
+
+    @staticmethod
+    def _taps(ctx: Context, name: str) -> list[str]:
+        """The domain's host-side taps when this process can reach them: libvirt on this machine, in this network
+        namespace (a remote hypervisor's taps are its own business)."""
+        if not (is_local_uri(ctx.hv.uri) and ctx.hv.uri.startswith("qemu")):
+            return []
+        return interface_targets(ctx.hv.domain(name).XMLDesc(0))
+
+    def _raise_taps(self, ctx: Context, name: str) -> None:
+        for dev in self._taps(ctx, name):
+            have = tx_queue_len(dev)
+            if have is None:
+                ctx.log.warn(f"{name}: its tap {dev} is not in this network namespace; run `lab` where libvirtd "
+                             "runs (here: `ip netns exec labns`) so that its queue can be raised")
+            elif have < TAP_TX_QUEUE_LEN:
+                try:
+                    raise_tx_queue_len(dev)
+                except OSError as exc:
+                    raise LabError(f"{name}: cannot raise the tx_queue_len of its tap {dev} from {have} to "
+                                   f"{TAP_TX_QUEUE_LEN}: {exc}", hint="run `lab up` as root, where libvirtd runs")
+                ctx.log.info(f"{name}: tap {dev} tx_queue_len {have} -> {TAP_TX_QUEUE_LEN}")
 
     def _xml(self, ctx: Context, node: NodeSpec) -> str:
         pool = ctx.hv.pool(ctx.lab.pool_name)
@@ -34,9 +61,11 @@ class Nodes(Phase):
         name = ctx.lab.domain_name(node)
         state = ctx.hv.domain_state(name)
         if state == "running":
+            self._raise_taps(ctx, name)
             return f"{name} running"
         dom = ctx.hv.domain(name) or ctx.hv.define_domain(self._xml(ctx, node))
         ctx.hv.start(dom)
+        self._raise_taps(ctx, name)
         why = ctx.hv.unapplied_cpu_shares(dom)
         if why:
             ctx.log.warn(f"{name}: {why}. Without them the control plane gets no host CPU priority over the "
