@@ -3,8 +3,8 @@
 A tap queues what the host sends to the guest in a ring of ``tx_queue_len`` packets (1000 by default) and drops
 what does not fit (its TX "dropped" counter). A guest under TCG drains that ring slowly, so a burst towards one
 node -- a thousand held connections sending their verify byte at once over VXLAN -- overflows it: seen on the CI
-cluster as 761 drops on cp1's tap during the suite, and 262 of 2,000 held connections whose byte never crossed in
-25 s. The lab raises the ring of the taps it owns; the kernel resizes it live (no restart of the guest)."""
+cluster as 761 drops on cp1's tap since boot, in a suite run where 262 of 2,000 held connections lost their verify
+byte. The lab raises the ring of the taps it owns; the kernel resizes it live (no restart of the guest)."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
