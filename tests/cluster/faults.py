@@ -17,9 +17,12 @@ import yaml
 from clusterlab import ROOT, SPEC, kubectl
 from labrun import lab_cli
 
+from lab.phases.sideload import DEVICE as BUNDLE_DEVICE, MOUNT as BUNDLE_MOUNT
 from lab.wait import wait_for
 
-KUBE_PROXY_ARCHIVE = "/var/lib/lab/bundle/images/registry.k8s.io_kube-proxy_v1.37.2.tar"
+KUBE_PROXY_ARCHIVE = f"{BUNDLE_MOUNT}/images/registry.k8s.io_kube-proxy_v1.37.2.tar"
+# The bundle disk is mounted by the sideload phase, not across a reboot of the node: mounted again here, as it does.
+MOUNT_BUNDLE = f"mountpoint -q {BUNDLE_MOUNT} || mount -o ro {BUNDLE_DEVICE} {BUNDLE_MOUNT}"
 KUBE_PROXY_IMAGE = "registry.k8s.io/kube-proxy:v1.37.2"
 CTR = "ctr --address /run/containerd/containerd.sock --namespace k8s.io"
 
@@ -43,7 +46,7 @@ def sysctl_reverted(state: Path, node: str, key: str, value: str, healthy: str):
 def kube_proxy_installed(state: Path, bundle_dir: Path, kubeconfig: Path, nodes: list[str], control_plane: str):
     """kube-proxy as kubeadm would install it, from the bundle's image, next to Cilium's replacement."""
     for node in nodes:
-        node_run(state, node, f"{CTR} images import {KUBE_PROXY_ARCHIVE}")
+        node_run(state, node, f"({MOUNT_BUNDLE}) && {CTR} images import {KUBE_PROXY_ARCHIVE}")
     node_run(state, control_plane, "kubeadm init phase addon kube-proxy --config /etc/lab/kubeadm.yaml "
                                    "--kubeconfig /etc/kubernetes/admin.conf")
     try:
