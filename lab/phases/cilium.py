@@ -127,8 +127,11 @@ class Cilium(Phase):
             raise RemoteError(f"Cilium chart {lab.cilium.version} rejects the rendered values:\n{check.tail()}",
                               hint="check cilium.values and cilium.version in the spec; `lab render` shows the values")
         ctx.log.info(f"helm upgrade --install cilium {lab.cilium.version}")
-        host.run("env", *helm_args("upgrade", lab.cilium.version, chart_file), "--install", sudo=True,
-                 timeout=lab.timeouts.command)
+        # Helm 4 upgrades by server-side apply. On a TCG lab this phase patched the operator's probe timeouts
+        # (field manager kubectl-patch), so an upgrade with other values stopped at "Apply failed with 2
+        # conflicts" (seen on the CI cluster). Forcing lets the chart take the fields back; the patch follows.
+        host.run("env", *helm_args("upgrade", lab.cilium.version, chart_file), "--install", "--force-conflicts",
+                 sudo=True, timeout=lab.timeouts.command)
 
     def run(self, ctx: "Context") -> None:
         lab = ctx.lab
