@@ -115,9 +115,34 @@ class Cilium(Phase):
             return False
         return True
 
+    def recover_interrupted(self, ctx: "Context", host) -> None:
+        """A `lab up` stopped during `helm upgrade` (Ctrl-C, a lost SSH session) leaves the release pending, and
+        every later upgrade fails with "another operation (install/upgrade/rollback) is in progress" (seen on the
+        CI cluster). With no helm process left on the node, the release is rolled back to its last deployed
+        revision; the upgrade then runs as usual."""
+        got = host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "history", RELEASE, "--namespace", NAMESPACE,
+                       "--max", "20", "--output", "json", check=False, sudo=True)
+        history = json.loads(got.stdout or "[]") if got.ok else []
+        if not history or not str(history[-1].get("status", "")).startswith("pending-"):
+            return
+        last = history[-1]
+        if host.run("pgrep", "-x", "helm", check=False).ok:
+            raise LabError(f"release {RELEASE} is {last['status']} (revision {last['revision']}) and a helm process "
+                           f"is running on {host.name}", hint="let it finish, then run `lab up` again")
+        deployed = [h["revision"] for h in history if h.get("status") in ("deployed", "superseded")]
+        if not deployed:
+            raise LabError(f"release {RELEASE} is {last['status']} (revision {last['revision']}) with no deployed "
+                           "revision to roll back to", hint=f"`lab ssh {host.name}` and `helm uninstall {RELEASE} "
+                           f"-n {NAMESPACE}`, then `lab up`")
+        ctx.log.warn(f"release {RELEASE} was left {last['status']} at revision {last['revision']} by an interrupted "
+                     f"helm; rolling back to revision {deployed[-1]}")
+        host.run("env", f"KUBECONFIG={ADMIN_CONF}", "helm", "rollback", RELEASE, str(deployed[-1]), "--namespace",
+                 NAMESPACE, "--force-conflicts", sudo=True, timeout=ctx.lab.timeouts.command)
+
     def install(self, ctx: "Context") -> None:
         lab = ctx.lab
         host = cp_host(ctx)
+        self.recover_interrupted(ctx, host)
         host.run("install", "-d", "-m", "0700", LAB_DIR, sudo=True)
         host.put(VALUES_PATH, render_cilium_values(lab), mode=0o600)
         chart_file = bundle_chart(host) if lab.kubernetes.source == "bundle" else None

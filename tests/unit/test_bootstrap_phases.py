@@ -823,3 +823,32 @@ def test_cilium_operator_probes_get_tcg_timeouts_once(tmp_path, monkeypatch):
             operator = patch["spec"]["template"]["spec"]["containers"][0]
             assert operator["name"] == "cilium-operator" and operator["livenessProbe"]["timeoutSeconds"] >= 10
         assert not any(" helm upgrade " in f" {line} " for line in node.ran)
+
+
+def test_a_release_left_pending_by_an_interrupted_up_is_rolled_back_first(tmp_path):
+    """Seen on the CI cluster: a `lab up` killed during `helm upgrade` left revision 3 pending-upgrade, and the next
+    up failed with "another operation (install/upgrade/rollback) is in progress". The history is the one captured
+    there. With no helm process left, the release rolls back to its last deployed revision before the upgrade; with
+    one running, `up` stops and says so; a settled release is left alone."""
+    import json
+
+    from lab.errors import LabError
+    from lab.phases.cilium import Cilium
+
+    history = (REPO / "tests/fixtures/helm/history_cilium_pending_upgrade.json").read_text()
+    hist = "env KUBECONFIG=/etc/kubernetes/admin.conf helm history cilium"
+    ctx = ctx_for(default_lab(), tmp_path)
+    node = ScriptedNode("cp1", {hist: ok(history), "pgrep -x helm": failed("")})
+    Cilium().recover_interrupted(ctx, node)
+    [rollback] = [line for line in node.ran if " helm rollback " in f" {line} "]
+    assert rollback.endswith("helm rollback cilium 1 --namespace kube-system --force-conflicts"), rollback
+
+    busy = ScriptedNode("cp1", {hist: ok(history), "pgrep -x helm": ok("4242 helm")})
+    with pytest.raises(LabError, match=r"pending-upgrade \(revision 3\) and a helm process is running on cp1"):
+        Cilium().recover_interrupted(ctx, busy)
+    assert not any("rollback" in line for line in busy.ran)
+
+    settled = json.dumps(json.loads(history)[:2])  # deployed, then a failed upgrade: nothing to recover
+    calm = ScriptedNode("cp1", {hist: ok(settled)})
+    Cilium().recover_interrupted(ctx, calm)
+    assert calm.ran == [line for line in calm.ran if "helm history" in line]
