@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SYS_NET = Path("/sys/class/net")
+from lab.virt.taps import SYS_NET
 
 
 def read_tap_drops(lab, sys_net: Path = SYS_NET) -> dict[str, dict] | None:
@@ -67,3 +67,21 @@ def explain_tap_drops(rise: dict[str, dict]) -> str | None:
              for node, r in rise.items()]
     return ("meanwhile the lab's hypervisor dropped packets before any datapath saw them: " + ", ".join(parts)
             + ": a guest that drains its NIC queue too slowly (TCG), below the cluster")
+
+
+class TapDrops:
+    """The lab's tap drop counters around one load: read at creation, again by ``stop()``; ``report()`` records
+    the rise (None when they cannot be read here) and names it in a failure."""
+
+    def __init__(self, lab, sys_net: Path = SYS_NET):
+        self.lab, self.sys_net = lab, sys_net
+        self.before, self.rise = read_tap_drops(lab, sys_net), {}
+
+    def stop(self) -> None:
+        self.rise = tap_drop_rise(self.before, read_tap_drops(self.lab, self.sys_net))
+
+    def report(self, measure, problems: list[str]) -> None:
+        measure("hypervisor_tap_drops", self.rise if self.before is not None else None)
+        text = explain_tap_drops(self.rise)
+        if problems and text:
+            problems.append(text)

@@ -20,7 +20,7 @@ import pytest
 
 from conformance import cilium
 from conformance import kube as k8s
-from conformance.hypervisor import explain_tap_drops, read_tap_drops, tap_drop_rise
+from conformance.hypervisor import TapDrops
 from conformance.judge import (NotMeasured, conntrack_deltas, default_connections, judge_ct_capacity, judge_ct_rise,
                                judge_load, nf_conntrack_reading)
 
@@ -127,7 +127,7 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     n = connections(settings, len(load_world["clients"]))
     agents = cilium.agents(kube)
     before = node_facts.facts()
-    taps_before = read_tap_drops(settings.lab)
+    taps = TapDrops(settings.lab)
     whole = ct_readings(kube, session, node_facts, agents)  # every entry: what the capacity is judged on
     table_before = ct_readings(kube, session, node_facts, agents, dport=PORTS[path])
     results, during = read_while_held(
@@ -135,7 +135,7 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
         min(settings.conntrack_hold / 2, 5) + n / 5000,
         lambda: run_load(session, ns, load_world["clients"], address, n, settings.conntrack_hold))
     after = node_facts.facts()
-    taps = tap_drop_rise(taps_before, read_tap_drops(settings.lab))
+    taps.stop()
     drops = conntrack_deltas(before, after)  # CounterMissing (NotMeasured) when a node's counters are unreadable
     total, problems = judge_load(results)    # NotMeasured without netprobe's `verified` count
     if drops:
@@ -157,8 +157,6 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     measure("open_rate_per_s", total["open_rate_per_s"])
     measure("connect_ms_p99", total["connect_ms_p99"])
     measure("conntrack_drops", sum(sum(d.values()) for d in drops.values()))
-    measure("hypervisor_tap_drops", taps if taps_before is not None else None)
-    if problems and explain_tap_drops(taps):
-        problems.append(explain_tap_drops(taps))
+    taps.report(measure, problems)
     assert not problems, f"{n} connections via {path} {address}, held {settings.conntrack_hold}s:\n  " + \
         "\n  ".join(problems)

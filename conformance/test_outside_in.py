@@ -43,7 +43,7 @@ from conformance import kube as k8s
 from conformance.check import FlowKey, PolicyCheck, measure_policy_result, run_policy_check
 from conformance.conftest import netprobe_on_runner
 from conformance.expect import Expect, Target, TruthTable, observed_table
-from conformance.hypervisor import explain_tap_drops, read_tap_drops, tap_drop_rise
+from conformance.hypervisor import TapDrops
 from conformance.judge import (NotMeasured, judge_cross_node, judge_load, judge_open_rate, judge_snat_source,
                                judge_source_preserved, judge_table_rises, node_ips_from_facts)
 from conformance.policies import allow_ingress_from_cidr, default_deny, replace_policies
@@ -429,7 +429,7 @@ def test_lb_datapath_under_load_from_outside(outside, kube, session, node_facts,
     def read():
         return datapath_tables(kube, session, node_facts, agents, node, nat)
     before = read()
-    taps_before = read_tap_drops(settings.lab)
+    taps = TapDrops(settings.lab)
     opening = n / rate if rate else n / 5000
     args = load_args(outside.vips["cluster"], n, rate, hold, session.deadline(VERIFY_SECONDS),
                      session.deadline(OPEN_SLACK_SECONDS))
@@ -439,7 +439,7 @@ def test_lb_datapath_under_load_from_outside(outside, kube, session, node_facts,
                                          lambda: netprobe_on_runner(args, hold + opening + 120))
     total, problems = judge_outside_load(node, before, result, during, n, settings.lb_min_open_rate,
                                          settings.lb_max_connect_p99_ms)
-    taps = tap_drop_rise(taps_before, read_tap_drops(settings.lab))
+    taps.stop()
     after = read_announcer(outside)
     problems[:0] = judge_announcer_held(outside.vips["cluster"], node, watch.seen + [after] if after else watch.seen,
                                         watch.unknown)
@@ -454,8 +454,6 @@ def test_lb_datapath_under_load_from_outside(outside, kube, session, node_facts,
     measure("min_open_rate_per_s", settings.lb_min_open_rate)
     measure("max_connect_ms_p99", settings.lb_max_connect_p99_ms)
     measure("load_seconds", round(time.monotonic() - started, 1))
-    measure("hypervisor_tap_drops", taps if taps_before is not None else None)
-    if problems and explain_tap_drops(taps):
-        problems.append(explain_tap_drops(taps))
+    taps.report(measure, problems)
     assert not problems, (f"{n} connections from the runner to {outside.vips['cluster']}:{LOAD_PORT} "
                           f"(announced by {node}), held {hold}s:\n  " + "\n  ".join(problems))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 BIN_DIR = "/usr/bin"
 MOUNT = "/var/lib/lab/bundle"
 DEVICE = f"/dev/disk/by-id/virtio-{BUNDLE_SERIAL}"
+MOUNT_SCRIPT = f"mountpoint -q {MOUNT} || {{ install -d -m 0755 {MOUNT} && mount -o ro {DEVICE} {MOUNT}; }}"
 CTR = ("ctr", "--address", "/run/containerd/containerd.sock", "--namespace", "k8s.io")
 CONTROL_PLANE_ONLY = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
 
@@ -92,8 +93,7 @@ def sideload_problems(host: "Host", manifest: "Manifest", control_plane: bool) -
 
 def mount_bundle(host: "Host", manifest: "Manifest") -> str:
     """Mount the node's bundle disk read-only (once) and check it carries this bundle; return the mount point."""
-    host.run("sh", "-c", f"mountpoint -q {MOUNT} || {{ install -d -m 0755 {MOUNT} && "
-                         f"mount -o ro {DEVICE} {MOUNT}; }}", sudo=True, timeout=120)
+    host.run("sh", "-c", MOUNT_SCRIPT, sudo=True, timeout=120)
     carried = host.run("cat", f"{MOUNT}/bundle.json", check=False, sudo=True)
     if manifest.recipe_sha256 not in carried.stdout:
         raise RemoteError(f"{host.name}: the bundle disk holds another bundle than this checkout's "

@@ -17,12 +17,11 @@ import yaml
 from clusterlab import ROOT, SPEC, kubectl
 from labrun import lab_cli
 
-from lab.phases.sideload import DEVICE as BUNDLE_DEVICE, MOUNT as BUNDLE_MOUNT
+from lab.phases.sideload import MOUNT as BUNDLE_MOUNT, MOUNT_SCRIPT as MOUNT_BUNDLE
 from lab.wait import wait_for
 
 KUBE_PROXY_ARCHIVE = f"{BUNDLE_MOUNT}/images/registry.k8s.io_kube-proxy_v1.37.2.tar"
 # The bundle disk is mounted by the sideload phase, not across a reboot of the node: mounted again here, as it does.
-MOUNT_BUNDLE = f"mountpoint -q {BUNDLE_MOUNT} || mount -o ro {BUNDLE_DEVICE} {BUNDLE_MOUNT}"
 KUBE_PROXY_IMAGE = "registry.k8s.io/kube-proxy:v1.37.2"
 CTR = "ctr --address /run/containerd/containerd.sock --namespace k8s.io"
 

@@ -70,3 +70,20 @@ def test_unreadable_taps_are_not_a_reading(lab, tmp_path, monkeypatch):
 def test_a_retapped_node_is_not_compared(lab):
     before = {"cp1": {"tap": "vnet0", "tx_dropped": 700, "rx_dropped": 0}}
     assert tap_drop_rise(before, {"cp1": {"tap": "vnet2", "tx_dropped": 3, "rx_dropped": 0}}) == {}
+
+
+def test_tap_drops_around_a_load_are_recorded_and_named_only_in_a_failure(lab, tmp_path, monkeypatch):
+    import libvirt
+
+    from conformance.hypervisor import TapDrops
+    conn = FakeConn()
+    conn.taps = {"cik8s-cp1": "vnet0", "cik8s-w1": "vnet1"}
+    monkeypatch.setattr(libvirt, "open", lambda uri: conn)
+    taps = TapDrops(lab, sysfs(tmp_path, {"vnet0": (0, 0), "vnet1": (0, 0)}))
+    sysfs(tmp_path, {"vnet0": (12, 0)})
+    taps.stop()
+    measured, healthy, failing = {}, [], ["only 1738 of 2000 held connections carried a byte"]
+    taps.report(measured.__setitem__, healthy)
+    taps.report(measured.__setitem__, failing)
+    assert measured == {"hypervisor_tap_drops": {"cp1": {"tap": "vnet0", "tx_dropped": 12, "rx_dropped": 0}}}
+    assert healthy == [] and failing[1].startswith("meanwhile the lab's hypervisor dropped packets")
