@@ -51,10 +51,16 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
         "MTU": cilium_base_mtu(lab),
         "bpf": {"masquerade": cil.bpf_masquerade},
         "hubble": {"enabled": True, "relay": {"enabled": cil.hubble.relay}, "ui": {"enabled": cil.hubble.ui}},
-        # Two operator replicas want two nodes (anti-affinity); a one-node lab gets one.
-        "operator": {"replicas": min(2, len(lab.nodes))},
         # MetalLB owns LoadBalancer addresses; Cilium's LB-IPAM would race it for every Service.
         "defaultLBServiceIPAM": "none",
+        # The agents and the operator read cilium-config at start only. Without these the chart leaves them running
+        # on a values change (MTU, BPF map sizes...), so `lab up` after an edit of cilium.values would report the
+        # new values deployed while the datapath kept the old ones (seen on the CI cluster: MTU 1510 rendered, pods
+        # still 1450). With them the chart stamps the config's checksum into both pod templates and an upgrade that
+        # changes the config rolls them; the cilium phase waits for that rollout.
+        "rollOutCiliumPods": True,
+        # Two operator replicas want two nodes (anti-affinity); a one-node lab gets one.
+        "operator": {"replicas": min(2, len(lab.nodes)), "rollOutPods": True},
     }
     sizes = bpf_map_sizes(lab)
     if sizes:

@@ -64,10 +64,10 @@ def kube_proxy_installed(state: Path, bundle_dir: Path, kubeconfig: Path, nodes:
 @contextlib.contextmanager
 def cilium_values_override(state: Path, tmp_path: Path, values: dict):
     """`lab up` of the same lab with extra Cilium values (bypassing the spec's checks, which look at cilium.mtu,
-    not at raw values): the cilium phase sees other values, upgrades the release and waits for the rollout.
-    Known gap (seen 2026-12-05): the chart does not restart the agents on a ConfigMap change (rollOutCiliumPods is
-    false), so values the agents read at start (MTU, BPF map sizes) are not in force yet and the fault is not
-    injected: the MTU fault's pods still got 1450 and its check rightly passed."""
+    not at raw values): the cilium phase sees other values, upgrades the release and waits for the rollout. The
+    agents read their config at start only; the lab's values make the chart roll them on a config change
+    (rollOutCiliumPods), so the fault is in force once `lab up` returns. Before that, the MTU fault's pods still
+    got 1450 and its check rightly passed."""
     spec = yaml.safe_load(SPEC.read_text())
     spec.setdefault("cilium", {}).setdefault("values", {}).update(values)
     faulty = tmp_path / "faulty.yaml"

@@ -76,6 +76,33 @@ def test_cilium_chart_renders_only_bundle_images(bundle, tmp_path):
     assert not any(kind == "DaemonSet" and name == "cilium-envoy" for kind, name in kinds)
 
 
+def test_a_cilium_values_change_rolls_the_agents_and_the_operator(bundle, tmp_path):
+    """The real chart with our values stamps cilium-config's checksum into the agent DaemonSet's and the operator
+    Deployment's pod templates, and another MTU gives another checksum: an upgrade that changes the config restarts
+    them (without it the agents kept MTU 1450 after an upgrade to 1510 on the CI cluster)."""
+    path, manifest = bundle
+    chart = next(e for e in manifest.of_kind("chart") if e.component == "cilium")
+    rendered = yaml.safe_load(render_cluster(load_lab(SPEC))["cilium-values.yaml"])
+
+    def checksums(values: dict) -> dict[str, str]:
+        file = tmp_path / "values.yaml"
+        file.write_text(yaml.safe_dump(values))
+        out = run(str(path / "bin/helm"), "template", "cilium", str(path / chart.path), "--namespace", "kube-system",
+                  "--values", str(file))
+        assert out.returncode == 0, out.stderr
+        found = {}
+        for d in yaml.safe_load_all(out.stdout):
+            if d and (d["kind"], d["metadata"]["name"]) in (("DaemonSet", "cilium"), ("Deployment", "cilium-operator")):
+                found[d["kind"]] = d["spec"]["template"]["metadata"].get("annotations", {}).get(
+                    "cilium.io/cilium-configmap-checksum")
+        return found
+
+    before, after = checksums(rendered), checksums({**rendered, "MTU": rendered["MTU"] + 10})
+    assert set(before) == {"DaemonSet", "Deployment"} and all(before.values()), before
+    assert all(after[k] != before[k] for k in before), (before, after)
+    assert checksums(rendered) == before  # the same values keep the pods: a re-run of `lab up` restarts nothing
+
+
 def test_metallb_manifest_names_only_bundle_images(bundle):
     path, manifest = bundle
     entry = next(e for e in manifest.of_kind("manifest") if e.component == "metallb")

@@ -161,6 +161,13 @@ def test_cilium_production_settings():
     assert v["routingMode"] == "tunnel" and v["tunnelProtocol"] == "vxlan"
 
 
+def test_a_values_change_rolls_the_agents_and_the_operator():
+    """The agents read cilium-config at start only: the chart must roll them when an upgrade changes it (the real
+    chart's checksum annotation is checked in tests/cluster/test_bundle_artifacts.py)."""
+    v = yaml.safe_load(render_cluster(default_lab())["cilium-values.yaml"])
+    assert v["rollOutCiliumPods"] is True and v["operator"]["rollOutPods"] is True
+
+
 @pytest.mark.parametrize("proto", ["vxlan", "geneve"])
 def test_cilium_mtu_is_the_base_mtu_so_pods_get_network_minus_50(proto):
     """Cilium's MTU value is the underlay MTU; the agent subtracts 50 itself (pkg/mtu). Pods then get 1450."""
