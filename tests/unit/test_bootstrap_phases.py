@@ -23,7 +23,7 @@ from lab.phases.join import Join, api_not_ready, parse_join_command
 from lab.phases.kubeadm import Kubeadm, init_failure
 from lab.phases.kubeconfig import Kubeconfig
 from lab.phases.metallb import Metallb, endpoint_slices_ready, webhook_not_ready
-from lab.phases.ready import Ready
+from lab.phases.ready import PODNET_LABEL, Ready, podnet_pod, podnet_state
 from lab.phases.runtime import (SANDBOX_IMAGE, Runtime, containerd_settings, edit_containerd_config,
                                 fstab_without_swap, k8s_repo_line, system_slice_weight_problem)
 from lab.phase import Context, Log, run_on_nodes
@@ -321,6 +321,32 @@ def test_node_and_pod_readiness():
     running = k8s.V1Pod(metadata=meta("coredns"), status=k8s.V1PodStatus(phase="Running", conditions=[
         k8s.V1PodCondition(type="Ready", status="True")]))
     assert not_ready([done, running], pod_ready) == []
+
+
+def test_pod_network_probe_is_a_valid_pinned_pause_pod():
+    import kubernetes_validate
+
+    from lab.spec import KUBERNETES_VERSION
+    pod = podnet_pod("cp1")
+    kubernetes_validate.validate(pod, f"{KUBERNETES_VERSION}.0", strict=True)
+    assert pod["spec"]["nodeName"] == "cp1" and pod["spec"]["tolerations"] == [{"operator": "Exists"}]
+    assert pod["spec"]["containers"][0]["image"] == SANDBOX_IMAGE and pod["metadata"]["labels"][PODNET_LABEL] == "cp1"
+    assert "hostNetwork" not in pod["spec"]  # on the pod network: Cilium must build an endpoint for it
+
+
+def test_pod_network_probe_state_names_each_node_that_waits():
+    def pod(node, phase, ready=False, waiting=None):
+        return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=f"lab-podnet-{node}", labels={PODNET_LABEL: node}),
+                         status=k8s.V1PodStatus(phase=phase, conditions=[k8s.V1PodCondition(
+                             type="Ready", status="True" if ready else "False")], container_statuses=[
+                             k8s.V1ContainerStatus(name="pause", image=SANDBOX_IMAGE, image_id="", ready=ready,
+                                                   restart_count=0, state=k8s.V1ContainerState(
+                                                       waiting=k8s.V1ContainerStateWaiting(reason=waiting)))]))
+
+    pods = [pod("w1", "Running", ready=True), pod("cp1", "Pending", waiting="ContainerCreating")]
+    assert podnet_state(pods, ["cp1", "w1"]) == (False, "cp1: Pending (ContainerCreating); w1: Ready")
+    assert podnet_state(pods[:1], ["cp1", "w1"]) == (False, "cp1: no probe pod; w1: Ready")
+    assert podnet_state([pods[0], pod("cp1", "Running", ready=True)], ["cp1", "w1"]) == (True, "cp1: Ready; w1: Ready")
 
 
 def test_webhook_endpoint_readiness():
