@@ -422,6 +422,33 @@ def _validate_tuning(lab: Lab, add) -> None:
             add(f"tuning.modules[{i}]", f"{module!r} is not a kernel module name, e.g. br_netfilter")
 
 
+BPF_MAP_KEYS = ("ctTcpMax", "ctAnyMax", "natMax")
+
+
+def _validate_bpf_map_sizes(lab: Lab, add) -> None:
+    """Cilium refuses to start when its NAT map is larger than its two CT maps together ("invalid daemon
+    configuration: specified NAT tables size 1000000 must not exceed maximum CT table size 24576", seen on the CI
+    cluster: both agents crash-looped). The sizes are the lab's (from nf_conntrack_max) with cilium.values over them."""
+    from lab.render.cilium import bpf_map_sizes
+
+    user = lab.cilium.values.get("bpf") if isinstance(lab.cilium.values, dict) else None
+    user = {k: v for k, v in (user or {}).items() if k in BPF_MAP_KEYS} if isinstance(user, dict) else {}
+    sizes = {**bpf_map_sizes(lab), **user}
+    try:
+        nat, tcp, other = (int(sizes[k]) for k in ("natMax", "ctTcpMax", "ctAnyMax"))
+    except (KeyError, TypeError, ValueError):
+        return  # a size left to Cilium (memory-based): nothing to compare; the chart's schema checks the types
+
+    def origin(key: str) -> str:
+        return "cilium.values" if key in user else "the lab's, from tuning.sysctls net.netfilter.nf_conntrack_max"
+
+    if nat > tcp + other:
+        add("cilium.values.bpf.natMax", f"{nat} ({origin('natMax')}) exceeds bpf.ctTcpMax {tcp} ({origin('ctTcpMax')})"
+                                        f" + bpf.ctAnyMax {other} ({origin('ctAnyMax')}) = {tcp + other}: the Cilium "
+                                        "agent refuses to start with a NAT map larger than its CT maps. Set "
+                                        f"cilium.values.bpf.natMax to at most {tcp + other}, or raise the CT sizes")
+
+
 def _validate_cluster(lab: Lab, dhcp, add) -> None:
     k8s, cil, mlb = lab.kubernetes, lab.cilium, lab.metallb
     cidr = lab.network.cidr
@@ -450,6 +477,7 @@ def _validate_cluster(lab: Lab, dhcp, add) -> None:
                                           if int(cil.mtu) == 1460 else ""))
         elif int(cil.mtu) < 1280:
             add("cilium.mtu", f"{cil.mtu} is below the IPv6 minimum of 1280; use 'auto' ({limit})")
+    _validate_bpf_map_sizes(lab, add)
     if k8s.source == "bundle":
         _validate_bundle_versions(lab, add)
     if not mlb.addresses:

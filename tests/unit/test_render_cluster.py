@@ -200,6 +200,24 @@ def test_geneve_1460_is_refused_with_the_arithmetic():
     assert "cilium.mtu" in text and "1450" in text and "TCP MSS" in text
 
 
+def test_a_nat_map_larger_than_the_ct_maps_is_refused_naming_where_each_size_came_from():
+    """Cilium's agent exits at start on it (captured: tests/fixtures/cilium/agent_log_fatal_nat_size.txt)."""
+    from lab.errors import SpecError
+
+    spec = yaml.safe_load((REPO / "labs/ci-cluster.yaml").read_text())
+    spec.setdefault("cilium", {}).setdefault("values", {})["bpf"] = {"ctTcpMax": 16384, "ctAnyMax": 8192}
+    with pytest.raises(SpecError) as err:
+        parse_lab(spec)
+    text = str(err.value)
+    assert "cilium.values.bpf.natMax" in text and "1000000 (the lab's, from tuning.sysctls" in text
+    assert "bpf.ctTcpMax 16384 (cilium.values) + bpf.ctAnyMax 8192 (cilium.values) = 24576" in text
+    assert "at most 24576" in text
+    spec["cilium"]["values"]["bpf"]["natMax"] = 24576  # the fault tier's small maps, consistent
+    assert cilium_values(parse_lab(spec))["bpf"]["natMax"] == 24576
+    spec["cilium"]["values"]["bpf"] = {"ctTcpMax": "big"}  # not a number: the chart's schema reports it, not this
+    parse_lab(spec)
+
+
 # ---------------------------------------------------------------------------------------------- metallb
 
 
