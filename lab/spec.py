@@ -422,6 +422,26 @@ def _validate_tuning(lab: Lab, add) -> None:
             add(f"tuning.modules[{i}]", f"{module!r} is not a kernel module name, e.g. br_netfilter")
 
 
+CONNTRACK_SYSCTL = "net.netfilter.nf_conntrack_max"
+
+
+def bpf_map_sizes(lab: Lab) -> dict[str, int]:
+    """The lab's conntrack budget (tuning ``nf_conntrack_max``) for the tables the datapath really uses.
+
+    With kube-proxy replacement, Service and pod flows are tracked in Cilium's BPF CT maps, not in nf_conntrack,
+    and with BPF masquerading their translations live in its NAT map. Left alone, Cilium sizes them from memory
+    (bpf-map-dynamic-size-ratio): 131072 entries on the CI cluster's 4 GiB nodes, which the conformance conntrack
+    check failed against its 200000 peak while nf_conntrack_max said 1000000. Non-TCP flows get half."""
+    raw = lab.tuning.sysctls.get(CONNTRACK_SYSCTL)
+    if not lab.cilium.kube_proxy_replacement or raw is None or not str(raw).isdigit():
+        return {}
+    entries = int(raw)
+    sizes = {"ctTcpMax": entries, "ctAnyMax": max(entries // 2, 65536)}
+    if lab.cilium.bpf_masquerade:
+        sizes["natMax"] = entries
+    return sizes
+
+
 BPF_MAP_KEYS = ("ctTcpMax", "ctAnyMax", "natMax")
 
 
@@ -429,8 +449,6 @@ def _validate_bpf_map_sizes(lab: Lab, add) -> None:
     """Cilium refuses to start when its NAT map is larger than its two CT maps together ("invalid daemon
     configuration: specified NAT tables size 1000000 must not exceed maximum CT table size 24576", seen on the CI
     cluster: both agents crash-looped). The sizes are the lab's (from nf_conntrack_max) with cilium.values over them."""
-    from lab.render.cilium import bpf_map_sizes
-
     user = lab.cilium.values.get("bpf") if isinstance(lab.cilium.values, dict) else None
     user = {k: v for k, v in (user or {}).items() if k in BPF_MAP_KEYS} if isinstance(user, dict) else {}
     sizes = {**bpf_map_sizes(lab), **user}

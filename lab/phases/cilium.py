@@ -11,12 +11,13 @@ host the same compile took a third of the time. Waiting for CoreDNS keeps the co
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
 
 from lab.errors import LabError, RemoteError
 from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import (ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving,
-                         kubectl_retrying)
+                         kubectl, kubectl_retrying)
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.cilium import (CHART, CHART_REPO, NAMESPACE, OPERATOR_DEPLOYMENT, RELEASE, cilium_values,
                                emulated_operator_patch, operator_probes_patched, render_cilium_values)
@@ -50,17 +51,68 @@ def bundle_chart(host) -> str:
 COREDNS = "coredns"
 
 
+FATAL = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
+
+
+def agent_fatal(log: str) -> str | None:
+    """The last ``level=fatal`` message of an agent's log (a start-up refusal: the agent exits and will exit again
+    on every restart), None when it has none (killed by its probes, OOM: a restart may get further)."""
+    found = FATAL.findall(log)
+    return found[-1].replace('\\"', '"') if found else None
+
+
+def crash_looping_agents(pods) -> list[tuple[str, str]]:
+    """(pod, node) of the Cilium agent pods whose agent container waits in CrashLoopBackOff."""
+    out = []
+    for pod in pods:
+        for c in pod.status.container_statuses or []:
+            if c.name == "cilium-agent" and c.state and c.state.waiting \
+                    and c.state.waiting.reason == "CrashLoopBackOff":
+                out.append((pod.metadata.name, pod.spec.node_name or "?"))
+    return out
+
+
+#: The start of Cilium's own configuration refusals (the daemon's config validation): the agent exits with it on every
+#: restart. Other fatal exits can be transient under TCG (a datapath compile killed at its fixed limit, then fatal),
+#: so they are reported in the wait's state, not acted on.
+CONFIG_REFUSAL = "invalid daemon configuration"
+
+
+def fatal_agents(ctx: "Context", pods) -> list[str]:
+    """'pod on node: fatal message' for each crash-looping agent whose last run ended fatally. One that refused its
+    configuration will not come up however long the rollout waits (seen on the CI cluster: a NAT map larger than
+    the CT maps, both agents crash-looping for the whole 2400 s): that stops `up` at once, in the agent's words."""
+    out = []
+    for name, node in crash_looping_agents(pods):
+        got = kubectl(cp_host(ctx), "-n", NAMESPACE, "logs", name, "-c", "cilium-agent", "--previous", "--tail=50",
+                      check=False, timeout=60)
+        fatal = agent_fatal(got.stdout) if got.ok else None
+        if fatal and fatal.startswith(CONFIG_REFUSAL):
+            raise LabError(f"the Cilium agent {name} on {node} refuses its configuration: {fatal}",
+                           hint="fix cilium.values in the spec (`lab render` shows what is sent) and run `lab up` "
+                                "again")
+        if fatal:
+            out.append(f"{name} on {node} exited: {fatal}")
+    return out
+
+
 def wait_rollout(ctx: "Context", kubeconfig: str, deadline_s: float) -> None:
     from kubernetes import client
 
-    apps = client.AppsV1Api(api_client(kubeconfig))
+    api = api_client(kubeconfig)
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
 
     def probe() -> tuple[bool, str]:
-        ds_ok, ds = daemonset_rolled_out(apps.read_namespaced_daemon_set("cilium", NAMESPACE, _request_timeout=10))
+        daemonset = apps.read_namespaced_daemon_set("cilium", NAMESPACE, _request_timeout=10)
+        # only the agents of the DaemonSet's current spec: an old one that refused old values is being replaced
+        current = f"k8s-app=cilium,pod-template-generation={daemonset.metadata.generation}"
+        fatal = fatal_agents(ctx, core.list_namespaced_pod(NAMESPACE, label_selector=current,
+                                                           _request_timeout=10).items)
+        ds_ok, ds = daemonset_rolled_out(daemonset)
         op_ok, op = deployment_serving(apps.read_namespaced_deployment("cilium-operator", NAMESPACE,
                                                                        _request_timeout=10))
         dns_ok, dns = deployment_serving(apps.read_namespaced_deployment(COREDNS, "kube-system", _request_timeout=10))
-        return ds_ok and op_ok and dns_ok, f"{ds}; {op}; {dns}"
+        return ds_ok and op_ok and dns_ok, "; ".join([ds, op, dns, *fatal])
 
     wait_for("Cilium agent DaemonSet rolled out, an operator serving and CoreDNS on the pod network", deadline_s,
              probe, interval=5,

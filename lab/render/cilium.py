@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from lab.render.kubeadm import API_PORT, control_plane
-from lab.spec import Lab
+from lab.spec import Lab, bpf_map_sizes
 
 CHART_REPO = "https://helm.cilium.io"
 CHART = "cilium"
@@ -70,26 +70,6 @@ def cilium_values(lab: Lab) -> dict[str, Any]:
     if lab.libvirt.accel == "tcg":
         values = deep_merge(values, EMULATED_VALUES)
     return deep_merge(values, cil.values)
-
-
-CONNTRACK_SYSCTL = "net.netfilter.nf_conntrack_max"
-
-
-def bpf_map_sizes(lab: Lab) -> dict[str, int]:
-    """The lab's conntrack budget (tuning ``nf_conntrack_max``) for the tables the datapath really uses.
-
-    With kube-proxy replacement, Service and pod flows are tracked in Cilium's BPF CT maps, not in nf_conntrack,
-    and with BPF masquerading their translations live in its NAT map. Left alone, Cilium sizes them from memory
-    (bpf-map-dynamic-size-ratio): 131072 entries on the CI cluster's 4 GiB nodes, which the conformance conntrack
-    check failed against its 200000 peak while nf_conntrack_max said 1000000. Non-TCP flows get half."""
-    raw = lab.tuning.sysctls.get(CONNTRACK_SYSCTL)
-    if not lab.cilium.kube_proxy_replacement or raw is None or not str(raw).isdigit():
-        return {}
-    entries = int(raw)
-    sizes = {"ctTcpMax": entries, "ctAnyMax": max(entries // 2, 65536)}
-    if lab.cilium.bpf_masquerade:
-        sizes["natMax"] = entries
-    return sizes
 
 
 #: Emulated (TCG) nodes run 5-10x slower: the operator's 15 s leader lease and the agent's liveness budget

@@ -349,6 +349,50 @@ def test_pod_network_probe_state_names_each_node_that_waits():
     assert podnet_state([pods[0], pod("cp1", "Running", ready=True)], ["cp1", "w1"]) == (True, "cp1: Ready; w1: Ready")
 
 
+def agent_pod(name, node, waiting=None):
+    state = k8s.V1ContainerState(waiting=k8s.V1ContainerStateWaiting(reason=waiting)) if waiting else \
+        k8s.V1ContainerState(running=k8s.V1ContainerStateRunning())
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=name), spec=k8s.V1PodSpec(node_name=node, containers=[]),
+                     status=k8s.V1PodStatus(container_statuses=[k8s.V1ContainerStatus(
+                         name="cilium-agent", image="", image_id="", ready=False, restart_count=9, state=state)]))
+
+
+FATAL_LOG = (Path(__file__).resolve().parents[1] / "fixtures/cilium/agent_log_fatal_nat_size.txt").read_text()
+
+
+def test_an_agent_that_refuses_its_configuration_stops_the_rollout_in_its_own_words(monkeypatch):
+    import lab.phases.cilium as cilium_phase
+    asked = []
+
+    def fake_kubectl(host, *args, **kw):
+        asked.append(args)
+        return CommandResult(args, 0, FATAL_LOG if args[3] == "cilium-7zg5z" else "level=info msg=\"up\"\n", "")
+
+    monkeypatch.setattr(cilium_phase, "kubectl", fake_kubectl)
+    monkeypatch.setattr(cilium_phase, "cp_host", lambda ctx: None)
+    pods = [agent_pod("cilium-nc9gh", "w1", "CrashLoopBackOff"), agent_pod("cilium-abcde", "w2")]
+    assert cilium_phase.fatal_agents(None, pods) == []  # crash-looping without a fatal line: the wait goes on
+    assert [a[3] for a in asked] == ["cilium-nc9gh"] and "--previous" in asked[0]
+    with pytest.raises(LabError) as err:
+        cilium_phase.fatal_agents(None, [agent_pod("cilium-7zg5z", "cp1", "CrashLoopBackOff")])
+    assert str(err.value).startswith(
+        "the Cilium agent cilium-7zg5z on cp1 refuses its configuration: invalid daemon configuration: specified NAT "
+        "tables size 1000000 must not exceed maximum CT table size 24576")
+    assert "cilium.values" in err.value.hint
+
+
+def test_other_fatal_exits_are_reported_not_acted_on(monkeypatch):
+    """Under TCG a datapath compile killed at its fixed limit ends fatally too, and a restart gets further."""
+    import lab.phases.cilium as cilium_phase
+    log = 'level=fatal msg="Failed to compile bpf_sock.o: signal: killed" subsys=daemon\n'
+    monkeypatch.setattr(cilium_phase, "kubectl", lambda host, *a, **kw: CommandResult(a, 0, log, ""))
+    monkeypatch.setattr(cilium_phase, "cp_host", lambda ctx: None)
+    assert cilium_phase.fatal_agents(None, [agent_pod("cilium-x", "cp1", "CrashLoopBackOff")]) == [
+        "cilium-x on cp1 exited: Failed to compile bpf_sock.o: signal: killed"]
+    assert cilium_phase.agent_fatal('level=fatal msg="a \\"quoted\\" word" x') == 'a "quoted" word'
+    assert cilium_phase.agent_fatal("level=info msg=\"fine\"") is None
+
+
 def test_webhook_endpoint_readiness():
     def slice_(ready):
         return k8s.V1EndpointSlice(address_type="IPv4", endpoints=[k8s.V1Endpoint(
@@ -767,11 +811,22 @@ def test_cilium_phase_waits_for_coredns_on_the_pod_network(monkeypatch):
             asked.append((namespace, name))
             return deployment(name, coredns["available"] if name == "coredns" else 1)
 
+    class Core:
+        def __init__(self, api):
+            pass
+
+        def list_namespaced_pod(self, namespace, label_selector=None, _request_timeout=None):
+            asked.append((namespace, label_selector))
+            return k8s.V1PodList(items=[])
+
     monkeypatch.setattr(phase, "api_client", lambda kubeconfig: None)
     monkeypatch.setattr(kubernetes.client, "AppsV1Api", Apps)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", Core)
     ctx = types.SimpleNamespace(log=types.SimpleNamespace(info=lambda *a, **k: None))
     with pytest.raises(LabError) as err:
         phase.wait_rollout(ctx, "kc", 0.01)
+    # crash-looping agents are looked for among the current spec's pods only (old ones are being replaced)
+    assert ("kube-system", "k8s-app=cilium,pod-template-generation=%d" % ds.metadata.generation) in asked
     assert "CoreDNS" in str(err.value) and "deployment coredns: 0/2 available" in str(err.value)
     assert ("kube-system", "coredns") in asked
     coredns["available"] = 1

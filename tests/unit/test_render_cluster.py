@@ -395,7 +395,7 @@ def test_a_patch_is_applied_only_when_the_live_container_carries_every_field():
 def test_the_bpf_conntrack_and_nat_maps_get_the_labs_conntrack_budget():
     """With KPR the BPF CT map is the conntrack table: on the real CI cluster Cilium sized it from memory (131072)
     while the lab claimed nf_conntrack_max 1000000, and the conformance conntrack check failed on it."""
-    from lab.render.cilium import bpf_map_sizes
+    from lab.spec import bpf_map_sizes
 
     lab = default_lab()
     assert cilium_values(lab)["bpf"] == {"masquerade": lab.cilium.bpf_masquerade, "ctTcpMax": 1000000,
