@@ -108,5 +108,12 @@ def pod_ready(pod) -> bool:
     return pod.status.phase == "Succeeded" or _condition(pod, "Ready") == "True"
 
 
+def waiting_reasons(pod, container: str | None = None) -> list[str]:
+    """Why the pod's containers (or the one named) wait, in the kubelet's words: ContainerCreating,
+    CrashLoopBackOff, ..."""
+    return [c.state.waiting.reason for c in (pod.status.container_statuses or [])
+            if container in (None, c.name) and c.state and c.state.waiting and c.state.waiting.reason]
+
+
 def not_ready(items, ready: Callable, name: Callable = lambda o: o.metadata.name) -> list[str]:
     return sorted(name(o) for o in items if not ready(o))

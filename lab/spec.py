@@ -449,8 +449,8 @@ def _validate_bpf_map_sizes(lab: Lab, add) -> None:
     """Cilium refuses to start when its NAT map is larger than its two CT maps together ("invalid daemon
     configuration: specified NAT tables size 1000000 must not exceed maximum CT table size 24576", seen on the CI
     cluster: both agents crash-looped). The sizes are the lab's (from nf_conntrack_max) with cilium.values over them."""
-    user = lab.cilium.values.get("bpf") if isinstance(lab.cilium.values, dict) else None
-    user = {k: v for k, v in (user or {}).items() if k in BPF_MAP_KEYS} if isinstance(user, dict) else {}
+    user = lab.cilium.values.get("bpf")
+    user = {k: v for k, v in user.items() if k in BPF_MAP_KEYS} if isinstance(user, dict) else {}
     sizes = {**bpf_map_sizes(lab), **user}
     try:
         nat, tcp, other = (int(sizes[k]) for k in ("natMax", "ctTcpMax", "ctAnyMax"))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from lab.errors import LabError, RemoteError
 from lab.kubeconfig import fetch_kubeconfig
 from lab.kubectl import (ADMIN_CONF, LAB_DIR, api_client, cp_host, daemonset_rolled_out, deployment_serving,
-                         kubectl, kubectl_retrying)
+                         kubectl, kubectl_retrying, waiting_reasons)
 from lab.phase import Phase, skip_without_kubernetes
 from lab.render.cilium import (CHART, CHART_REPO, NAMESPACE, OPERATOR_DEPLOYMENT, RELEASE, cilium_values,
                                emulated_operator_patch, operator_probes_patched, render_cilium_values)
@@ -63,13 +63,8 @@ def agent_fatal(log: str) -> str | None:
 
 def crash_looping_agents(pods) -> list[tuple[str, str]]:
     """(pod, node) of the Cilium agent pods whose agent container waits in CrashLoopBackOff."""
-    out = []
-    for pod in pods:
-        for c in pod.status.container_statuses or []:
-            if c.name == "cilium-agent" and c.state and c.state.waiting \
-                    and c.state.waiting.reason == "CrashLoopBackOff":
-                out.append((pod.metadata.name, pod.spec.node_name or "?"))
-    return out
+    return [(pod.metadata.name, pod.spec.node_name or "?") for pod in pods
+            if "CrashLoopBackOff" in waiting_reasons(pod, "cilium-agent")]
 
 
 #: The start of Cilium's own configuration refusals (the daemon's config validation): the agent exits with it on every

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from lab.cilium_status import kpr_mode
 from lab.kubeconfig import fetch_kubeconfig
-from lab.kubectl import api_client, cp_host, kubectl, node_ready, not_ready, pod_ready
+from lab.kubectl import api_client, cp_host, kubectl, node_ready, not_ready, pod_ready, waiting_reasons
 from lab.phase import Phase, skip_without_kubernetes
 from lab.phases.runtime import SANDBOX_IMAGE
 from lab.wait import api_starting, wait_for
@@ -72,8 +72,8 @@ def podnet_pod(node: str) -> dict:
 
 
 def podnet_state(pods, nodes: list[str]) -> tuple[bool, str]:
-    """Whether every node's probe pod is Ready, and per node what it is doing (the last event's words when the
-    kubelet says why it waits: ContainerCreating, a sandbox error)."""
+    """Whether every node's probe pod is Ready, and per node what it is doing (its phase, and the kubelet's reason
+    when its container waits: ContainerCreating, ...)."""
     by_node = {(p.metadata.labels or {}).get(PODNET_LABEL): p for p in pods}
     parts, ok = [], True
     for node in nodes:
@@ -86,8 +86,7 @@ def podnet_state(pods, nodes: list[str]) -> tuple[bool, str]:
             parts.append(f"{node}: Ready")
             continue
         ok = False
-        waiting = [c.state.waiting.reason for c in (pod.status.container_statuses or [])
-                   if c.state and c.state.waiting and c.state.waiting.reason]
+        waiting = waiting_reasons(pod)
         parts.append(f"{node}: {pod.status.phase}" + (f" ({', '.join(waiting)})" if waiting else ""))
     return ok, "; ".join(parts)
 
@@ -99,14 +98,13 @@ def wait_pod_network(ctx: "Context", kubeconfig: str) -> None:
 
     core = client.CoreV1Api(api_client(kubeconfig))
     nodes = [n.name for n in ctx.lab.nodes]
-    selector = PODNET_LABEL
 
     def delete_all() -> None:
-        core.delete_collection_namespaced_pod(PODNET_NAMESPACE, label_selector=selector, grace_period_seconds=0,
+        core.delete_collection_namespaced_pod(PODNET_NAMESPACE, label_selector=PODNET_LABEL, grace_period_seconds=0,
                                               _request_timeout=30)
 
     def gone() -> tuple[bool, str]:
-        left = core.list_namespaced_pod(PODNET_NAMESPACE, label_selector=selector, _request_timeout=10).items
+        left = core.list_namespaced_pod(PODNET_NAMESPACE, label_selector=PODNET_LABEL, _request_timeout=10).items
         return not left, ", ".join(p.metadata.name for p in left) or "none left"
 
     delete_all()  # left over by an interrupted up
@@ -121,7 +119,7 @@ def wait_pod_network(ctx: "Context", kubeconfig: str) -> None:
                     raise
 
         def probe() -> tuple[bool, str]:
-            return podnet_state(core.list_namespaced_pod(PODNET_NAMESPACE, label_selector=selector,
+            return podnet_state(core.list_namespaced_pod(PODNET_NAMESPACE, label_selector=PODNET_LABEL,
                                                          _request_timeout=10).items, nodes)
 
         wait_for("a pod on the pod network on every node (Cilium builds its endpoint; the first one on a node "
