@@ -14,6 +14,7 @@ from typing import Callable
 
 from conformance.expect import (BLOCKED_VERDICTS, TRANSPORT_FAILURES, Expect, Target, TruthTable, Verdict, cell_id, mismatches,
                                render_diff)
+from conformance.probes.netprobe import TCP_DROP_COUNTERS
 from lab.sysctl import normalize
 from lab.table import render_table
 
@@ -160,18 +161,19 @@ def judge_path_mtu(result: dict, pod_mtu: int, ipv6: bool = False) -> list[str]:
 
 
 def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where: Callable[[dict], dict | None],
-                   what: str = "counters") -> dict:
+                   what: str = "counters", errors_of: str | None = None) -> dict:
     """node -> {counter: increase} for counters that rose between two facts snapshots.
 
     A node whose snapshot lacks a counter (null: netprobe could not read it) or whose facts carry ``errors``
-    raises :class:`CounterMissing` with the node and netprobe's own error entries: a missing counter never counts
-    as "no rise"."""
+    (``errors_of``: only the entries about that part of the facts) raises :class:`CounterMissing` with the node and
+    netprobe's own error entries: a missing counter never counts as "no rise"."""
     out, missing = {}, []
     for node in sorted(after):
         for label, doc in (("before", before.get(node)), ("after", after[node])):
             found = where(doc) if doc is not None else None
             absent = [n for n in names if not isinstance((found or {}).get(n), int)]
-            errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or []))
+            errors = "; ".join(f"{e.get('what')}: {e.get('error')}" for e in ((doc or {}).get("errors") or [])
+                               if errors_of is None or str(e.get("what", "")).startswith(errors_of))
             if absent:
                 missing.append(f"{node} ({label}): {', '.join(absent)} unreadable" + (f" ({errors})" if errors else ""))
             elif errors:  # netprobe says part of this snapshot could not be read: never judged as "no rise"
@@ -185,6 +187,21 @@ def counter_deltas(before: dict[str, dict], after: dict[str, dict], names, where
     if missing:
         raise CounterMissing(f"could not read the {what}: " + "; ".join(missing))
     return out
+
+
+def tcp_drop_deltas(before, after) -> dict:
+    """pod or node -> {TcpExt drop counter: increase}: what its own TCP stack dropped (a full accept or SYN queue,
+    backlog, receive queue, memory). Only the facts' own ``tcp_ext`` errors make it unreadable: a pod's facts also
+    report tables a pod cannot read, which say nothing about these counters."""
+    return counter_deltas(before, after, TCP_DROP_COUNTERS, lambda f: f.get("tcp_ext"), "TCP stack's drop counters",
+                          errors_of="tcp_ext")
+
+
+def judge_stack_drops(drops: dict) -> str | None:
+    """The problem line for :func:`tcp_drop_deltas`' result, None when nothing was dropped."""
+    if not drops:
+        return None
+    return f"the load pods' own TCP stacks dropped (TcpExt, /proc/net/netstat): {drops}"
 
 
 def fragment_deltas(before, after) -> dict:

@@ -1,6 +1,7 @@
 """Conntrack under load: N concurrent connections from client pods through a ClusterIP Service and through the
 LoadBalancer IP, held S seconds: zero failed, zero resets, and every held connection proven end to end by a byte
-sent on it at the end (netprobe's `verified` count); the nodes' drop / early_drop / insert_failed counters unchanged.
+sent on it at the end (netprobe's `verified` count); the nodes' drop / early_drop / insert_failed counters unchanged,
+and so the load pods' own TCP drop counters (accept and SYN queues, backlog, receive queue: TcpExt).
 
 The table measured is the one the datapath uses: Cilium's BPF CT map (with kube-proxy replacement Service flows
 never touch nf_conntrack), nf_conntrack without Cilium. It must grow by at least the load while the connections are
@@ -22,7 +23,8 @@ from conformance import cilium
 from conformance import kube as k8s
 from conformance.hypervisor import TapDrops
 from conformance.judge import (NotMeasured, conntrack_deltas, default_connections, judge_ct_capacity, judge_ct_rise,
-                               judge_load, nf_conntrack_reading)
+                               judge_load, judge_stack_drops, nf_conntrack_reading,
+                               tcp_drop_deltas)
 
 # shares the LoadBalancer speakers with test_loadbalancer; load holds the datapath lock exclusively
 pytestmark = [pytest.mark.xdist_group("metallb"), pytest.mark.datapath("load")]
@@ -78,6 +80,14 @@ def run_load(session, ns, clients: dict, address: str, total: int, hold: float) 
 
     return k8s.in_parallel([lambda pod=pod, n=n: one(pod, n)
                             for (pod, _), n in zip(clients.values(), share) if n])
+
+
+def pod_facts(session, ns, pods: dict[str, dict]) -> dict:
+    """"role node" -> `netprobe facts` of that load pod (its own network namespace: its TCP stack's counters)."""
+    names = [(f"{role} {node}", pod) for role, per_node in sorted(pods.items())
+             for node, (pod, _) in sorted(per_node.items())]
+    docs = k8s.in_parallel([lambda pod=pod: session.netprobe(ns, pod, ["facts"]) for _, pod in names])
+    return {label: doc for (label, _), doc in zip(names, docs)}
 
 
 def ct_readings(kube, session, node_facts, agents: dict[str, str], only: str | None = None,
@@ -138,6 +148,8 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     n = connections(settings, len(load_world["clients"]))
     agents = cilium.agents(kube)
     before = node_facts.facts()
+    load_pods = {"client": load_world["clients"], "server": load_world["servers"]}
+    pods_before = pod_facts(session, ns, load_pods)
     taps = TapDrops(settings.lab)
     whole = ct_readings(kube, session, node_facts, agents)  # every entry: what the capacity is judged on
     table_before = ct_readings(kube, session, node_facts, agents, dport=PORTS[path])
@@ -146,11 +158,15 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
         min(settings.conntrack_hold / 2, 5) + n / 5000,
         lambda: run_load(session, ns, load_world["clients"], address, n, settings.conntrack_hold))
     after = node_facts.facts()
+    pods_after = pod_facts(session, ns, load_pods)
     taps.stop()
     drops = conntrack_deltas(before, after)  # CounterMissing (NotMeasured) when a node's counters are unreadable
+    stack_drops = tcp_drop_deltas(pods_before, pods_after)  # the same for the load pods' TCP counters
     total, problems = judge_load(results)    # NotMeasured without netprobe's `verified` count
     if drops:
         problems.append(f"nf_conntrack counters rose (table full or races): {drops}")
+    if stack_drops:
+        problems.append(judge_stack_drops(stack_drops))
     rise = judge_ct_rise(table_before, during, n)
     if rise:
         problems.append(rise)
@@ -168,6 +184,9 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     measure("open_rate_per_s", total["open_rate_per_s"])
     measure("connect_ms_p99", total["connect_ms_p99"])
     measure("conntrack_drops", sum(sum(d.values()) for d in drops.values()))
+    measure("pod_tcp_stack_drops", sum(sum(d.values()) for d in stack_drops.values()))
+    measure("pod_syn_retransmits", sum(pods_after[p]["tcp_ext"]["TCPSynRetrans"]
+                                       - pods_before[p]["tcp_ext"]["TCPSynRetrans"] for p in pods_after))
     taps.report(measure, problems)
     assert not problems, f"{n} connections via {path} {address}, held {settings.conntrack_hold}s:\n  " + \
         "\n  ".join(problems)

@@ -1557,6 +1557,29 @@ def ip_fragment_counters(facts: Facts):
     return out
 
 
+#: TcpExt counters (/proc/net/netstat, per network namespace) that count connections or segments the TCP stack
+#: itself dropped: a full accept queue (ListenOverflows; ListenDrops counts every drop at a listener), a full
+#: SYN queue, the socket backlog, the receive queue or memory. A load that loses connections while the datapath's
+#: tables show nothing can be placed here, in the server's or the client's own stack.
+TCP_DROP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPBacklogDrop", "TCPRcvQDrop",
+                     "TCPAbortOnMemory")
+#: Read with them, never judged as drops: SYNs and segments sent again (what a slow open took).
+TCP_RETRANS_COUNTERS = ("TCPSynRetrans", "TCPTimeouts")
+
+
+def tcp_ext_counters(facts: Facts):
+    """The TCP stack's drop and retransmit counters of this network namespace; None with an error when
+    /proc/net/netstat is unreadable or lacks one of them."""
+    ext = facts.parsed("tcp_ext", "/proc/net/netstat", lambda text: parse_snmp(text, "TcpExt"))
+    if ext is None:
+        return None
+    absent = [name for name in TCP_DROP_COUNTERS + TCP_RETRANS_COUNTERS if name not in ext]
+    if absent:
+        facts.error("tcp_ext", "/proc/net/netstat has no TcpExt counter %s" % ", ".join(absent))
+        return None
+    return {name: ext[name] for name in TCP_DROP_COUNTERS + TCP_RETRANS_COUNTERS}
+
+
 def kube_proxy_running() -> bool:
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         comm = (read_text("/proc/%s/comm" % pid) or "").strip()
@@ -1608,6 +1631,7 @@ def cmd_facts(_args) -> dict:
                       "max": facts.counter("net.netfilter.nf_conntrack_max"),
                       "stat": stat},
         "ip_fragments": ip_fragment_counters(facts),
+        "tcp_ext": tcp_ext_counters(facts),
         "kube_proxy_running": kube_proxy_running(),
         "kube_services_rules": kube_services_rules(facts),
     }

@@ -18,7 +18,7 @@ from conformance.judge import (MtuFinding, NotMeasured, conntrack_deltas, defaul
                                fragment_deltas, ip_in_pool, judge_load, judge_path_mtu, judge_paths, judge_route_mtu,
                                kernel_at_least, kube_proxy_findings, measure_paths, ordered_pairs,
                                outside_pool_address, parse_link_macs, parse_neighbour, path_id, poll_table,
-                               render_path_failures, route_mtu, sysctl_table)
+                               render_path_failures, route_mtu, sysctl_table, tcp_drop_deltas)
 from lab.cilium_status import cilium_kpr
 from lab.spec import PRODUCTION_SYSCTLS
 
@@ -413,6 +413,28 @@ def test_conntrack_counters_rising_are_reported():
     after["conntrack"]["stat"]["insert_failed"] += 1
     assert conntrack_deltas({"n1": before}, {"n1": after}) == {"n1": {"early_drop": 7, "insert_failed": 1}}
     assert conntrack_deltas({"n1": before}, {"n1": before}) == {}
+
+
+def test_tcp_drop_deltas_name_the_pod_whose_accept_queue_overflowed():
+    """Captured in a pod namespace whose server never accepted (tests/netns/test_fault_matrix.py)."""
+    before = fixture("facts_pod_accept_queue_overflow_before")
+    after = fixture("facts_pod_accept_queue_overflow_after")
+    drops = tcp_drop_deltas({"server w1": before, "client cp1": before}, {"server w1": after, "client cp1": before})
+    assert list(drops) == ["server w1"]
+    assert drops["server w1"]["ListenOverflows"] == after["tcp_ext"]["ListenOverflows"] > 0
+    assert set(drops["server w1"]) <= {"ListenOverflows", "ListenDrops"}  # retransmit counters are never drops
+
+
+def test_tcp_drop_deltas_ignore_other_unreadable_facts_but_not_their_own():
+    before = fixture("facts_pod_accept_queue_overflow_before")
+    other = copy.deepcopy(before)
+    other["errors"] = [{"what": "conntrack.stat", "error": "/proc/net/stat/nf_conntrack is absent"}]
+    assert tcp_drop_deltas({"p": before}, {"p": other}) == {}  # a pod's facts may lack tables it cannot read
+    broken = copy.deepcopy(before)
+    broken["tcp_ext"] = None
+    broken["errors"] = [{"what": "tcp_ext", "error": "cannot read /proc/net/netstat: Permission denied"}]
+    with pytest.raises(NotMeasured, match="p \\(after\\): ListenOverflows.*Permission denied"):
+        tcp_drop_deltas({"p": before}, {"p": broken})
 
 
 def test_default_connections_sized_to_the_table():

@@ -18,7 +18,7 @@ path="$1"; dir="$2"; shift 2
 case "$path" in
   /proc/net/*)
     mkdir -p "$dir/stat"
-    for f in snmp snmp6 route stat/nf_conntrack; do
+    for f in snmp snmp6 netstat route stat/nf_conntrack; do
       if [ -e "/proc/$$/net/$f" ]; then cat "/proc/$$/net/$f" > "$dir/$f"; fi
     done
     rm -f "$dir/${path#/proc/net/}"
@@ -46,6 +46,7 @@ def test_clean_namespace_facts_have_no_errors(lab):
 @pytest.mark.parametrize("path, what, key", [
     ("/proc/net/snmp", "ip_fragments", lambda f: f["ip_fragments"]),
     ("/proc/net/stat/nf_conntrack", "conntrack.stat", lambda f: f["conntrack"]["stat"]),
+    ("/proc/net/netstat", "tcp_ext", lambda f: f["tcp_ext"]),
     ("/proc/sys/net/netfilter/nf_conntrack_count", "net.netfilter.nf_conntrack_count",
      lambda f: f["conntrack"]["count"]),
 ])

@@ -31,7 +31,7 @@ from conformance.judge import (MtuFinding, NotMeasured, PathRun, conntrack_delta
                                judge_requested_ip, judge_route_mtu, judge_source_preserved, judge_underlay,
                                kube_proxy_daemonsets, kube_proxy_findings, measure_paths, nf_conntrack_reading,
                                node_ips_from_facts, ordered_pairs, parse_link_macs, parse_neighbour, path_id, render_path_failures,
-                               route_mtu, sysctl_table)
+                               route_mtu, sysctl_table, judge_stack_drops, tcp_drop_deltas)
 from conformance.pod_tuning import NODE_RP_FILTER_SCRIPT, judge_node_rp_filter, judge_pod_sysctls, parse_rp_filter_lines
 from conformance.cilium import judge_relay
 from conformance.l2 import L2Finding, judge_announcement, lab_link_macs
@@ -90,7 +90,8 @@ MATRIX = {
     "test_mtu.py::test_path_mtu_between_host_network_and_pod": ["test_mtu_host__host_route_mtu_unset__fails",
                                                                 "test_mtu_host__healthy__passes"],
     "test_conntrack.py::test_connections_held_without_loss[clusterip]": [
-        "test_ct_clusterip__server_drops_mid_hold__fails", "test_ct_clusterip__peak_over_table__fails",
+        "test_ct_clusterip__server_drops_mid_hold__fails", "test_ct_clusterip__server_accept_queue_overflows__fails",
+        "test_ct_clusterip__peak_over_table__fails",
         "test_ct_clusterip__healthy__passes"],
     "test_conntrack.py::test_connections_held_without_loss[loadbalancer]": [
         "test_ct_lb__table_that_does_not_see_the_flows__fails", "test_ct_lb__healthy__passes"],
@@ -533,8 +534,14 @@ def test_mtu_host__healthy__passes(cil):
 N = 300
 
 
-def _ct_run(lab, client, to, tracker, server=None, drop_mid_hold=False, peak=1000, hold="3"):
+def _ct_pod_facts(lab, client, server):
+    """The load pods' facts, as the check reads them: netprobe in each pod (the pod's image, PATH and user)."""
+    return {"client": pod_probe(lab, client, "facts"), "server": pod_probe(lab, server, "facts")}
+
+
+def _ct_run(lab, client, to, tracker, server, drop_mid_hold=False, peak=1000, hold="3"):
     facts_before = {"node1": node_probe(lab, tracker, "facts")}
+    pods_before = _ct_pod_facts(lab, client, server)
     reading_before = {"node1": nf_conntrack_reading("node1", facts_before["node1"])}
     proc = pod_spawn(lab, client, "load", "--to", to, "--connections", N, "--hold", hold, "--timeout", "2",
                      "--verify-timeout", "2")
@@ -550,10 +557,16 @@ def _ct_run(lab, client, to, tracker, server=None, drop_mid_hold=False, peak=100
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     facts_after = {"node1": node_probe(lab, tracker, "facts")}
+    pods_after = _ct_pod_facts(lab, client, server)
     total, problems = judge_load([json.loads(out)])
     drops = conntrack_deltas(facts_before, facts_after)
     if drops:
         problems.append("nf_conntrack counters rose: %s" % drops)
+    stack = judge_stack_drops(tcp_drop_deltas(pods_before, pods_after))
+    if stack:
+        problems.append(stack)
+        topo.capture("facts_pod_accept_queue_overflow_before", pods_before["server"])
+        topo.capture("facts_pod_accept_queue_overflow_after", pods_after["server"])
     rise = judge_ct_rise(reading_before, {"node1": nf_conntrack_reading("node1", during)}, N)
     if rise:
         problems.append(rise)
@@ -576,15 +589,34 @@ def test_ct_clusterip__server_drops_mid_hold__fails(lab, svc):
                         "the peer" % (N, N)]
 
 
+#: A server that listens with an accept queue of one and never accepts: an overloaded or wedged server.
+WEDGED_SERVER = ("import socket, time\n"
+                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                 "s.bind(('0.0.0.0', 8080)); s.listen(1); print('listening', flush=True); time.sleep(60)\n")
+
+
+def test_ct_clusterip__server_accept_queue_overflows__fails(lab):
+    """Connections lost in the server's own stack, with no conntrack table showing anything: the server pod's
+    TcpExt counters name it."""
+    t = topo.build(lab, topo.Overlay(kind="vxlan", service=True))
+    server = lab.spawn(t.pod2, [PROBE_PYTHON, "-c", WEDGED_SERVER])
+    assert server.stdout.readline().strip() == "listening"
+    total, problems = _ct_run(lab, t.pod1, topo.VIP + ":80", t.node1, t.pod2)
+    assert total["established"] < N
+    stack = [p for p in problems if p.startswith("the load pods' own TCP stacks dropped")]
+    assert len(stack) == 1 and "'server': {" in stack[0] and "'ListenOverflows': " in stack[0], problems
+    assert "'client'" not in stack[0]
+
+
 def test_ct_clusterip__peak_over_table__fails(lab, svc):
     ct_max = node_probe(lab, svc.node1, "facts")["conntrack"]["max"]
-    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, peak=ct_max)
+    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, svc.pod2, peak=ct_max)
     assert total["verified"] == N and len(problems) == 1
     assert problems[0].startswith("node1: nf_conntrack holds %d entries" % ct_max) and "(< 20%)" in problems[0]
 
 
 def test_ct_clusterip__healthy__passes(lab, svc):
-    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1)
+    total, problems = _ct_run(lab, svc.pod1, topo.VIP + ":80", svc.node1, svc.pod2)
     assert problems == [] and total["verified"] == total["held"] == N
 
 
@@ -596,14 +628,15 @@ def lbct(lab):
 
 
 def test_ct_lb__table_that_does_not_see_the_flows__fails(lab, lbct):
-    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node2)  # node2 tracks nothing of these flows
+    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node2,
+                              lbct.pod2)  # node2 tracks nothing of these flows
     assert total["verified"] == N
     assert len(problems) == 1 and problems[0].startswith("the conntrack table (nf_conntrack) grew by ")
     assert "while %d connections were held: the measurement does not see these flows" % N in problems[0]
 
 
 def test_ct_lb__healthy__passes(lab, lbct):
-    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node1)
+    total, problems = _ct_run(lab, lbct.pod1, VIP + ":80", lbct.node1, lbct.pod2)
     assert problems == [] and total["verified"] == N
 
 
