@@ -12,8 +12,9 @@ from lab.virt.taps import SYS_NET
 
 
 def read_tap_drops(lab, sys_net: Path = SYS_NET) -> dict[str, dict] | None:
-    """node -> {"tap", "tx_dropped", "rx_dropped"} for the lab's running domains; None without a lab, a local
-    libvirt or the taps in this network namespace (the counters cannot be read from here: nothing is judged)."""
+    """node -> {tap: {"tx_dropped", "rx_dropped"}}, one entry per NIC, for the lab's running domains; None without
+    a lab, a local libvirt or the taps in this network namespace (the counters cannot be read from here: nothing
+    is judged)."""
     if lab is None:
         return None
     import libvirt
@@ -37,25 +38,27 @@ def read_tap_drops(lab, sys_net: Path = SYS_NET) -> dict[str, dict] | None:
                 stats = sys_net / tap / "statistics"
                 if not stats.is_dir():
                     return None
-                out[node.name] = {"tap": tap, "tx_dropped": int((stats / "tx_dropped").read_text()),
-                                  "rx_dropped": int((stats / "rx_dropped").read_text())}
+                out.setdefault(node.name, {})[tap] = {"tx_dropped": int((stats / "tx_dropped").read_text()),
+                                                      "rx_dropped": int((stats / "rx_dropped").read_text())}
     finally:
         conn.close()
     return out
 
 
 def tap_drop_rise(before: dict | None, after: dict | None) -> dict[str, dict]:
-    """node -> {"tap", "tx_dropped", "rx_dropped"} rises between two readings (only nodes whose tap dropped)."""
+    """node -> {tap: {"tx_dropped", "rx_dropped"} rises} between two readings: only the taps that dropped, and only
+    taps present in both (a node re-created between them has new taps, whose counters started again at 0)."""
     if not before or not after:
         return {}
     rise = {}
-    for node, now in sorted(after.items()):
-        was = before.get(node)
-        if not was or was["tap"] != now["tap"]:
-            continue
-        delta = {k: now[k] - was[k] for k in ("tx_dropped", "rx_dropped")}
-        if any(delta.values()):
-            rise[node] = {"tap": now["tap"], **delta}
+    for node, taps in sorted(after.items()):
+        for tap, now in sorted(taps.items()):
+            was = (before.get(node) or {}).get(tap)
+            if not was:
+                continue
+            delta = {k: now[k] - was[k] for k in ("tx_dropped", "rx_dropped")}
+            if any(delta.values()):
+                rise.setdefault(node, {})[tap] = delta
     return rise
 
 
@@ -63,8 +66,8 @@ def explain_tap_drops(rise: dict[str, dict]) -> str | None:
     """The sentence a load check's failure carries when the hypervisor dropped packets during it."""
     if not rise:
         return None
-    parts = [f"{node} (tap {r['tap']}: {r['tx_dropped']} towards the guest, {r['rx_dropped']} from it)"
-             for node, r in rise.items()]
+    parts = [f"{node} (tap {tap}: {r['tx_dropped']} towards the guest, {r['rx_dropped']} from it)"
+             for node, taps in rise.items() for tap, r in taps.items()]
     return ("meanwhile the lab's hypervisor dropped packets before any datapath saw them: " + ", ".join(parts)
             + ": a guest that drains its NIC queue too slowly (TCG), below the cluster")
 
