@@ -266,6 +266,33 @@ def test_d4_ct_script_counts_one_ports_flows_on_a_real_listing(tmp_path):
     assert count(28081) == 0
 
 
+class ShSession:
+    """Runs the agent script with this host's sh (the fake cilium-dbg first on PATH), as session.exec would."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def exec(self, ns, pod, argv, timeout, container=None):
+        res = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout)
+        return type("Res", (), {"rc": res.returncode, "stdout": res.stdout, "stderr": res.stderr})()
+
+
+def test_d4_one_listing_gives_the_whole_table_and_one_ports_flows(tmp_path):
+    """The conntrack check's reading before its load: both counts from one listing (the captured w1 map)."""
+    listing = Path(__file__).resolve().parents[1] / "fixtures" / "cilium" / "bpf_ct_list_global_cik8s_w1.txt"
+    fake = tmp_path / "cilium-dbg"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = status ]; then echo '  TCP connection tracking   524288'; exit 0; fi\n"
+                    "[ -n \"$FAIL\" ] && { echo 'agent down' >&2; exit 1; }\n"
+                    f"echo list >> '{tmp_path}/calls'; cat '{listing}'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    whole, port = cilium.ct_reading_pair(ShSession(env), "w1", "cilium-x", 7946)
+    assert (whole, port) == (CtReading("bpf-ct", 14, 524288), CtReading("bpf-ct", 5, 524288))
+    assert (tmp_path / "calls").read_text() == "list\n"  # listed once
+    with pytest.raises(NotMeasured, match="w1: reading Cilium's BPF conntrack map failed \\(exit 3\\)"):
+        cilium.ct_reading_pair(ShSession({**env, "FAIL": "1"}), "w1", "cilium-x", 7946)
+
+
 # ---------------------------------------------------------------------------------------------- defect 5
 
 
