@@ -209,7 +209,7 @@ def ct_reading_pair(session, node: str, pod: str, dport: int):
     listing a map of thousands of entries takes seconds, and the conntrack check needs both before its load."""
     from conformance.judge import parse_bpf_ct
     script = map_read_script("cilium-dbg bpf ct list global", "TCP connection tracking", dport, whole_too=True)
-    res = session.exec(AGENT_NS, pod, ["sh", "-c", script], 180, container=AGENT_CONTAINER)
+    res = _agent_script(session, pod, script)
     lines = (res.stdout or "").splitlines()
     if res.rc != 0 or len(lines) != 2:
         parse_bpf_ct(node, res.rc, "", res.stderr or res.stdout, "bpf-ct")  # raises NotMeasured, naming the exit
@@ -223,7 +223,11 @@ def nat_reading(session, node: str, pod: str):
     return _map_reading(session, node, pod, NAT_READ_SCRIPT, "bpf-nat")
 
 
+def _agent_script(session, pod: str, script: str):
+    return session.exec(AGENT_NS, pod, ["sh", "-c", script], 180, container=AGENT_CONTAINER)
+
+
 def _map_reading(session, node: str, pod: str, script: str, table: str):
     from conformance.judge import parse_bpf_ct
-    res = session.exec(AGENT_NS, pod, ["sh", "-c", script], 180, container=AGENT_CONTAINER)
+    res = _agent_script(session, pod, script)
     return parse_bpf_ct(node, res.rc, res.stdout, res.stderr, table)

@@ -103,11 +103,11 @@ def ct_readings(kube, session, node_facts, agents: dict[str, str], only: str | N
     return {node: nf_conntrack_reading(node, f) for node, f in facts.items() if only in (None, node)}
 
 
-def ct_before(session, node_facts, agents: dict[str, str], dport: int) -> tuple[dict, dict]:
+def ct_before(kube, session, node_facts, agents: dict[str, str], dport: int) -> tuple[dict, dict]:
     """(node -> whole table, node -> the entries to ``dport``) before a load. With Cilium both come from one
     listing of each agent's BPF CT map; nf_conntrack has no per-port count, so both are its count."""
     if not agents:
-        whole = {node: nf_conntrack_reading(node, f) for node, f in node_facts.facts().items()}
+        whole = ct_readings(kube, session, node_facts, agents)
         return whole, whole
     pairs = {node: cilium.ct_reading_pair(session, node, pod, dport) for node, pod in sorted(agents.items())}
     return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
@@ -162,7 +162,7 @@ def test_connections_held_without_loss(path, load_world, session, kube, node_fac
     pods_before = pod_facts(session, ns, load_pods)
     taps = TapDrops(settings.lab)
     # every entry (what the capacity is judged on) and this path's own (what must rise), from one listing per node
-    whole, table_before = ct_before(session, node_facts, agents, PORTS[path])
+    whole, table_before = ct_before(kube, session, node_facts, agents, PORTS[path])
     results, during = read_while_held(
         lambda: ct_readings(kube, session, node_facts, agents, dport=PORTS[path]),
         min(settings.conntrack_hold / 2, 5) + n / 5000,
